@@ -1,0 +1,13 @@
+"""Flax NNX model definitions whose module trees mirror diffusers / transformers."""
+
+from jaxdiff.models.attention import set_attention
+from jaxdiff.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                                 CLIPTextOutput)
+from jaxdiff.models.unet import Encoded, UNet2DConditionModel, UNetConfig
+from jaxdiff.models.vae import AutoencoderKL, LatentDistribution, VAEConfig
+
+__all__ = [
+    "AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection",
+    "CLIPTextOutput", "Encoded", "LatentDistribution", "UNet2DConditionModel", "UNetConfig",
+    "VAEConfig", "set_attention",
+]

@@ -1,0 +1,86 @@
+"""Numerical parity of jaxdiff's Flax models with diffusers / transformers PyTorch (float32)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import conversion
+from tiny import (CLIP_CONFIGS, UNET_CONFIGS, VAE_CONFIG, nchw, nhwc, rel_l2, torch_clip,
+                  torch_unet, torch_unet_forward, torch_vae, unet_inputs)
+
+TOL = 1e-4  # relative L2 error, float32 vs float32
+
+
+@pytest.mark.parametrize("name", sorted(UNET_CONFIGS))
+def test_unet_matches_diffusers(name, rng):
+    cfg = UNET_CONFIGS[name]
+    tm = torch_unet(cfg)
+    jm = conversion.convert(tm)
+    x, t, ctx, kw = unet_inputs(cfg, rng)
+    ref = torch_unet_forward(tm, x, t, ctx, kw)
+    out = jm(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx), **kw)
+    assert out.shape == ref.shape
+    assert rel_l2(out, ref) <= TOL
+
+    # The encoder/decoder split used by FasterDiffusion is the same computation.
+    enc = jm.encode(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx), **kw)
+    out2 = jm.decode(enc.skips, enc.mid, enc.emb, jnp.asarray(ctx))
+    assert rel_l2(out2, ref) <= TOL
+
+
+def test_unet_odd_latent_size(rng):
+    """Latents that are not a multiple of the down-sampling factor (diffusers passes
+    upsample sizes explicitly)."""
+    cfg = UNET_CONFIGS["sd1"]
+    tm = torch_unet(cfg)
+    jm = conversion.convert(tm)
+    x, t, ctx, kw = unet_inputs(cfg, rng, size=13)
+    ref = torch_unet_forward(tm, x, t, ctx, kw)
+    assert rel_l2(jm(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)), ref) <= TOL
+
+
+def test_vae_matches_diffusers(rng):
+    import torch
+
+    tm = torch_vae()
+    jm = conversion.convert(tm)
+    img = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        dist = tm.encode(torch.from_numpy(nchw(img))).latent_dist
+        z = torch.from_numpy(rng.standard_normal(dist.mean.shape).astype(np.float32))
+        dec = tm.decode(z).sample
+    jd = jm.encode(jnp.asarray(img))
+    assert rel_l2(jd.mean, nhwc(dist.mean.numpy())) <= TOL
+    assert rel_l2(jd.logvar, nhwc(dist.logvar.numpy())) <= TOL
+    assert rel_l2(jm.decode(jnp.asarray(nhwc(z.numpy()))), nhwc(dec.numpy())) <= TOL
+    assert jm.config.scaling_factor == tm.config.scaling_factor
+
+
+@pytest.mark.parametrize("act", sorted(CLIP_CONFIGS))
+@pytest.mark.parametrize("projection", [False, True])
+def test_clip_matches_transformers(act, projection, rng):
+    import torch
+
+    cfg = CLIP_CONFIGS[act]
+    tm = torch_clip(cfg, projection)
+    jm = conversion.convert(tm)
+    ids = rng.integers(3, cfg["vocab_size"] - 2, (3, 12))
+    ids[:, 0] = cfg["bos_token_id"]
+    ids[0, 5] = cfg["eos_token_id"]  # EOS mid-sequence, then padding
+    ids[0, 6:] = cfg["pad_token_id"]
+    ids[1, -1] = cfg["eos_token_id"]
+    ids[2, 3] = cfg["eos_token_id"]
+    mask = np.ones_like(ids)
+    mask[0, 6:] = 0
+    for m in (None, mask):
+        with torch.no_grad():
+            ref = tm(torch.from_numpy(ids), attention_mask=None if m is None else
+                     torch.from_numpy(m), output_hidden_states=True)
+        out = jm(ids, m)
+        assert rel_l2(out.last_hidden_state, ref.last_hidden_state.numpy()) <= TOL
+        assert rel_l2(out.hidden_states[-2], ref.hidden_states[-2].numpy()) <= TOL
+        assert len(out.hidden_states) == len(ref.hidden_states)
+        if projection:
+            assert rel_l2(out.text_embeds, ref.text_embeds.numpy()) <= TOL
+        else:
+            assert rel_l2(out.pooler_output, ref.pooler_output.numpy()) <= TOL

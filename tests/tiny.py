@@ -1,0 +1,137 @@
+"""Tiny configs of every supported architecture family, and helpers shared by tests."""
+
+import numpy as np
+
+UNET_CONFIGS = {
+    "sd1": dict(
+        block_out_channels=[32, 64, 64], layers_per_block=2, norm_num_groups=8,
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=24, attention_head_dim=4, in_channels=4, out_channels=4),
+    "sd2": dict(
+        block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=24, attention_head_dim=[2, 4], use_linear_projection=True,
+        upcast_attention=True, in_channels=4, out_channels=4),
+    "sdxl": dict(
+        block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        cross_attention_dim=24, attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2],
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8, in_channels=4, out_channels=4),
+    "classcond": dict(
+        block_out_channels=[32, 48], layers_per_block=1, norm_num_groups=8,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=16, attention_head_dim=2, num_class_embeds=11,
+        resnet_time_scale_shift="scale_shift", in_channels=3, out_channels=3,
+        only_cross_attention=[True, False]),
+    "timestep_class": dict(
+        block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], freq_shift=1,
+        flip_sin_to_cos=False, cross_attention_dim=16, attention_head_dim=2,
+        class_embed_type="timestep", class_embeddings_concat=True, in_channels=1,
+        out_channels=1, downsample_padding=0, time_embedding_dim=40),
+}
+
+VAE_CONFIG = dict(block_out_channels=[16, 32], norm_num_groups=8, latent_channels=4,
+                  in_channels=3, out_channels=3, layers_per_block=1,
+                  down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2)
+
+CLIP_CONFIGS = {
+    "quick_gelu": dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                       num_attention_heads=4, max_position_embeddings=16, projection_dim=12,
+                       hidden_act="quick_gelu", eos_token_id=2, bos_token_id=0, pad_token_id=1),
+    "gelu": dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=16, projection_dim=12,
+                 hidden_act="gelu", eos_token_id=98, bos_token_id=0, pad_token_id=1),
+}
+
+
+def rel_l2(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def nchw(x):
+    return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+def nhwc(x):
+    return np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1))
+
+
+def torch_unet(cfg, seed=0):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    m = UNet2DConditionModel(**cfg).eval()
+    # diffusers zero-initialises nothing here, but randomise norms too so they are tested.
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def torch_vae(cfg=VAE_CONFIG, seed=0):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    m = AutoencoderKL(**cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def torch_clip(cfg, projection=False, seed=0):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    m = cls(CLIPTextConfig(**cfg)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def unet_inputs(cfg, rng, batch=2, size=16, seq=7):
+    x = rng.standard_normal((batch, size, size, cfg.get("in_channels", 4))).astype(np.float32)
+    t = np.array([10.5, 999.0][:batch] + [500.0] * max(0, batch - 2), np.float32)
+    ctx = rng.standard_normal((batch, seq, cfg["cross_attention_dim"])).astype(np.float32)
+    kw = {}
+    if cfg.get("num_class_embeds"):
+        kw["class_labels"] = np.arange(batch) % cfg["num_class_embeds"]
+    if cfg.get("class_embed_type") == "timestep":
+        kw["class_labels"] = np.linspace(3.0, 700.0, batch).astype(np.float32)
+    if cfg.get("addition_embed_type") == "text_time":
+        kw["added_cond"] = {
+            "text_embeds": rng.standard_normal((batch, 16)).astype(np.float32),
+            "time_ids": np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (batch, 1))}
+    return x, t, ctx, kw
+
+
+def torch_unet_forward(m, x, t, ctx, kw):
+    import torch
+
+    targs = {}
+    if "class_labels" in kw:
+        targs["class_labels"] = torch.from_numpy(np.asarray(kw["class_labels"]))
+    if "added_cond" in kw:
+        targs["added_cond_kwargs"] = {k: torch.from_numpy(v) for k, v in kw["added_cond"].items()}
+    with torch.no_grad():
+        out = m(torch.from_numpy(nchw(x)), torch.from_numpy(t), torch.from_numpy(ctx),
+                **targs).sample
+    return nhwc(out.numpy())
