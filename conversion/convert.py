@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdiff.models.layers import abstract_params
 from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel,
                             CLIPTextModelWithProjection, UNet2DConditionModel, UNetConfig,
                             VAEConfig)
@@ -102,22 +103,55 @@ def _torch_shape(shape: tuple, leaf: str) -> tuple:
     return tuple(shape)
 
 
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    # XLA:CPU adopts 64-byte-aligned host buffers without copying (device_put is free).
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(n + align, np.uint8)
+    offset = (-buf.ctypes.data) % align
+    return buf[offset:offset + n].view(dtype).reshape(shape)
+
+
+def _transpose_2d(src: np.ndarray, dst: np.ndarray, block: int = 128) -> None:
+    """dst = src.T in cache-sized tiles (NumPy's strided copy of a whole transpose is ~4x
+    slower on large weights)."""
+    rows, cols = src.shape
+    for i in range(0, rows, block):
+        for j in range(0, cols, block):
+            dst[j:j + block, i:i + block] = src[i:i + block, j:j + block].T
+
+
 def _to_jax_layout(a: np.ndarray, leaf: str, dtype) -> np.ndarray:
+    """PyTorch layout -> jaxdiff layout, cast to dtype, in a fresh aligned buffer."""
+    a = np.asarray(a)
     if leaf == "kernel" and a.ndim == 4:
-        a = a.transpose(2, 3, 1, 0)
-    elif leaf == "kernel" and a.ndim == 2:
-        a = a.T
-    # One pass: transpose + cast + make contiguous.
-    return np.asarray(a).astype(dtype, order="C")
+        o, i, kh, kw = a.shape
+        out = _aligned_empty((kh, kw, i, o), dtype)
+        if kh * kw == 1:
+            _transpose_2d(a.reshape(o, i), out.reshape(i, o))
+        else:
+            # OIHW -> (I*H*W, O) by a tiled 2-D transpose, then HW to the front by rows of O.
+            tmp = np.empty((i * kh * kw, o), dtype)
+            _transpose_2d(a.reshape(o, -1), tmp)
+            np.copyto(out, tmp.reshape(i, kh, kw, o).transpose(1, 2, 0, 3))
+        return out
+    if leaf == "kernel" and a.ndim == 2:
+        out = _aligned_empty(a.shape[::-1], dtype)
+        _transpose_2d(a, out)
+        return out
+    out = _aligned_empty(a.shape, dtype)
+    np.copyto(out, a, casting="unsafe")
+    return out
 
 
 def abstract_model(family: Family, config, dtype=jnp.float32):
     """The model's structure with ShapeDtypeStructs for leaves: no weights materialised."""
-    return nnx.eval_shape(lambda: family.model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    with abstract_params():
+        return family.model_cls(config, dtype=dtype, rngs=nnx.Rngs(0))
 
 
 def convert_state_dict(family: Family | str, config, state_dict: Mapping[str, Any],
-                       dtype=jnp.float32, *, threads: int = 4):
+                       dtype=jnp.float32, *, threads: int = 2):
     """A PyTorch-layout state dict (NumPy arrays or anything np.asarray takes) -> NNX module."""
     if isinstance(family, str):
         family = family_of(family)

@@ -85,12 +85,30 @@ def _family_for(folder: Path, cfg: dict, class_name: str | None):
 
 def load_component(folder: str | os.PathLike, dtype=jnp.float32, *, variant: str | None = None,
                    class_name: str | None = None):
-    """One model folder (config.json + weights) -> jaxdiff module."""
+    """One model folder (config.json + weights, or a jaxdiff orbax checkpoint) -> module."""
+    from conversion.checkpoint import is_checkpoint, load_model
+
     folder = Path(folder)
+    if is_checkpoint(folder):  # fast path: already converted, no re-conversion
+        model = load_model(folder)
+        if class_name is not None and type(model).__name__ != class_name:
+            raise ValueError(f"{folder} holds a {type(model).__name__}, expected {class_name}")
+        return _cast(model, dtype)
     cfg = read_config(folder)
     family = _family_for(folder, cfg, class_name)
     config = family.config_cls.from_dict(cfg)
     return convert_state_dict(family, config, read_weights(folder, variant), dtype)
+
+
+def _cast(model, dtype):
+    """Cast a model's parameters to dtype (a no-op when they already are)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    if all(leaf.dtype == jnp.dtype(dtype) for leaf in jax.tree.leaves(state)):
+        return model
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a.astype(dtype), state))
 
 
 def load_unet(folder, dtype=jnp.float32, *, variant=None):

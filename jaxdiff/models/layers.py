@@ -11,7 +11,9 @@ weights and activations keep float32-quality group/layer norms.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Sequence
 
 import jax
@@ -19,9 +21,42 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def abstract_params():
+    """Build modules whose parameters are ``jax.ShapeDtypeStruct`` placeholders.
+
+    Same result as ``nnx.eval_shape`` of the constructor, without tracing any initialiser:
+    the converter learns the full SD UNet's parameter tree in milliseconds, then fills it.
+    """
+    prev = getattr(_STATE, "abstract", False)
+    _STATE.abstract = True
+    try:
+        yield
+    finally:
+        _STATE.abstract = prev
+
+
+def _init(shape, dtype, make):
+    if getattr(_STATE, "abstract", False):
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+    return make()
+
+
 def _uniform(rngs: nnx.Rngs, shape, bound: float, dtype) -> jax.Array:
     # PyTorch's default init for Linear/Conv (kaiming_uniform with a=sqrt(5)).
-    return jax.random.uniform(rngs.params(), shape, dtype, -bound, bound)
+    return _init(shape, dtype, lambda: jax.random.uniform(rngs.params(), shape, dtype,
+                                                          -bound, bound))
+
+
+def _ones(shape, dtype):
+    return _init(shape, dtype, lambda: jnp.ones(shape, dtype))
+
+
+def _zeros(shape, dtype):
+    return _init(shape, dtype, lambda: jnp.zeros(shape, dtype))
 
 
 class Linear(nnx.Module):
@@ -77,8 +112,8 @@ class GroupNorm(nnx.Module):
                              f"num_groups={num_groups}")
         self.num_groups = num_groups
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((num_channels,), dtype)) if affine else None
-        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype)) if affine else None
+        self.scale = nnx.Param(_ones((num_channels,), dtype)) if affine else None
+        self.bias = nnx.Param(_zeros((num_channels,), dtype)) if affine else None
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, ..., C]
         dtype = x.dtype
@@ -97,8 +132,8 @@ class LayerNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float = 1e-5, affine: bool = True, bias: bool = True,
                  dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), dtype)) if affine else None
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype)) if affine and bias else None
+        self.scale = nnx.Param(_ones((dim,), dtype)) if affine else None
+        self.bias = nnx.Param(_zeros((dim,), dtype)) if affine and bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
@@ -115,7 +150,8 @@ class LayerNorm(nnx.Module):
 
 class Embedding(nnx.Module):
     def __init__(self, num_embeddings: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, dim), dtype))
+        self.embedding = nnx.Param(_init((num_embeddings, dim), dtype, lambda: jax.random.normal(
+            rngs.params(), (num_embeddings, dim), dtype)))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0)

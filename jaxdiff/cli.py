@@ -1,0 +1,102 @@
+"""The ``jaxdiff`` command.
+
+  jaxdiff convert SRC DST [--dtype bfloat16] [--variant fp16]
+      SRC: a diffusers-format pipeline folder (model_index.json) or one component folder
+      (config.json + weights). DST: the same layout with every UNet / VAE / text encoder
+      stored as a jaxdiff orbax checkpoint; tokenizer and scheduler files are copied, so
+      ``conversion.load_pipeline(DST)`` loads it without PyTorch and without re-converting.
+  jaxdiff demo
+      The main job (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def _dtype(name: str):
+    import jax.numpy as jnp
+
+    try:
+        return jnp.dtype(name)
+    except TypeError:
+        raise SystemExit(f"unknown --dtype {name!r}; use float32, bfloat16 or float16")
+
+
+def convert_folder(src, dst, dtype="float32", variant=None, overwrite=False, log=print) -> dict:
+    """Convert a diffusers-format folder into jaxdiff orbax checkpoints; returns timings."""
+    import conversion
+    from conversion.convert import FAMILIES
+
+    src, dst = Path(src), Path(dst)
+    dt = _dtype(dtype)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a folder")
+    timings = {}
+    if (src / "model_index.json").exists():
+        index = json.loads((src / "model_index.json").read_text())
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / "model_index.json", dst / "model_index.json")
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
+                continue
+            if spec[1] in FAMILIES:
+                timings[name] = _convert_one(src / name, dst / name, dt, variant, spec[1],
+                                             overwrite, log)
+            elif (src / name).is_dir():
+                shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+    else:
+        timings[src.name] = _convert_one(src, dst, dt, variant, None, overwrite, log)
+    return timings
+
+
+def _convert_one(src, dst, dtype, variant, class_name, overwrite, log):
+    import jax
+    from flax import nnx
+
+    import conversion
+
+    t0 = time.perf_counter()
+    model = conversion.load_component(src, dtype, variant=variant, class_name=class_name)
+    jax.block_until_ready(nnx.state(model))
+    t1 = time.perf_counter()
+    conversion.save_model(model, dst, overwrite=overwrite)
+    t2 = time.perf_counter()
+    log(f"{src} -> {dst}: {type(model).__name__}, converted in {t1 - t0:.2f} s, "
+        f"saved in {t2 - t1:.2f} s")
+    return {"convert_s": t1 - t0, "save_s": t2 - t1}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxdiff", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("convert", help="diffusers folder -> jaxdiff orbax checkpoints")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
+    p.add_argument("--overwrite", action="store_true")
+    sub.add_parser("demo", help="the main job (see README)")
+    args = parser.parse_args(argv)
+    if args.command == "convert":
+        try:
+            convert_folder(args.src, args.dst, args.dtype, args.variant, args.overwrite)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            print(f"jaxdiff convert: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "demo":
+        from jaxdiff.demo import main as demo
+
+        return demo()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
