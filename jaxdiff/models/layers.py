@@ -68,7 +68,9 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
-        y = jnp.dot(x.astype(kernel.dtype), kernel)
+        lead = x.shape[:-1]
+        y = jnp.dot(x.astype(kernel.dtype).reshape(-1, x.shape[-1]), kernel)
+        y = y.reshape(*lead, kernel.shape[1])
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -94,6 +96,9 @@ class Conv2d(nnx.Module):
         x = x.astype(kernel.dtype)
         if kh == 1 and self.stride == 1 and self.padding == 0:
             y = jnp.dot(x, kernel[0, 0])  # a 1x1 conv is a matmul; XLA:CPU runs it faster
+        elif (self.stride == 1 and 2 * self.padding == kh - 1 and x.shape[1] * x.shape[2] <= 256
+              and jax.default_backend() == "cpu"):
+            y = _im2col_conv(x, kernel, self.padding)
         else:
             p = self.padding
             y = jax.lax.conv_general_dilated(
@@ -102,6 +107,17 @@ class Conv2d(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+def _im2col_conv(x, kernel, pad):
+    """'Same' stride-1 conv as one matmul over gathered patches. On XLA:CPU the direct
+    convolution is slow at small spatial sizes with many channels (3x slower at 8x8x1280)."""
+    b, h, w, c = x.shape
+    kh, kw = kernel.shape[:2]
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)],
+                              axis=-1)  # [B, H, W, kh*kw*C], (i, j, c) order = HWIO rows
+    return jnp.dot(patches, kernel.reshape(kh * kw * c, -1))
 
 
 class GroupNorm(nnx.Module):
@@ -120,8 +136,10 @@ class GroupNorm(nnx.Module):
         shape = x.shape
         g = self.num_groups
         xf = x.astype(jnp.float32).reshape(shape[0], -1, g, shape[-1] // g)
+        # One pass for both moments (XLA fuses the two reductions); float32 accumulation of
+        # E[x^2] - E[x]^2 is accurate to ~1e-7 relative for activations of unit scale.
         mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
+        var = jnp.maximum(jnp.mean(jnp.square(xf), axis=(1, 3), keepdims=True) - mean * mean, 0.0)
         y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
         if self.scale is not None:
             y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
