@@ -5,6 +5,9 @@
       (config.json + weights). DST: the same layout with every UNet / VAE / text encoder
       stored as a jaxdiff orbax checkpoint; tokenizer and scheduler files are copied, so
       ``conversion.load_pipeline(DST)`` loads it without PyTorch and without re-converting.
+  jaxdiff sample MODEL "a prompt" [--negative "..."] [--solver dpm++] [--steps 30]
+                [--guidance 7.5] [--seed 0] [--num 1] [--height H --width W] [--out out.png]
+      MODEL: a diffusers-format folder or one converted by `jaxdiff convert`.
   jaxdiff demo
       The main job (see README).
 """
@@ -72,6 +75,28 @@ def _convert_one(src, dst, dtype, variant, class_name, overwrite, log):
     return {"convert_s": t1 - t0, "save_s": t2 - t1}
 
 
+def _sample(args) -> int:
+    import math
+
+    import conversion
+    from jaxdiff.pipeline import image_grid
+
+    try:
+        pipe = conversion.load_pipeline(args.model, _dtype(args.dtype))
+        t0 = time.perf_counter()
+        images = pipe([args.prompt] * args.num, None if args.negative is None
+                      else [args.negative] * args.num, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, seed=args.seed, solver=args.solver,
+                      height=args.height, width=args.width, progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxdiff sample: {e}", file=sys.stderr)
+        return 2
+    cols = math.ceil(math.sqrt(args.num))
+    image_grid(images, math.ceil(args.num / cols), cols).save(args.out)
+    print(f"wrote {args.out} ({args.num} image(s), {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jaxdiff", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +107,20 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("sample", help="text-to-image with a Stable Diffusion folder")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--negative", default=None)
+    p.add_argument("--solver", default=None, help="ddim, euler, dpm++, ... (default: the "
+                   "folder's scheduler)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=1, help="images (a grid when > 1)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default="sample.png")
     sub.add_parser("demo", help="the main job (see README)")
     args = parser.parse_args(argv)
     if args.command == "convert":
@@ -91,6 +130,8 @@ def main(argv=None) -> int:
             print(f"jaxdiff convert: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "sample":
+        return _sample(args)
     if args.command == "demo":
         from jaxdiff.demo import main as demo
 

@@ -1,9 +1,27 @@
-"""Text-to-image pipeline: tokenizer -> text encoder -> sampler -> VAE."""
+"""Text-to-image: tokenizer -> text encoder -> sampler -> VAE, each jit-compiled once per shape.
+
+    pipe = conversion.load_pipeline("path/to/sd")
+    images = pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=30,
+                  guidance_scale=7.5, seed=0, solver="dpm++")          # [N, H, W, 3] in [0, 1]
+
+The sampling loop is one jitted program (``jaxdiff.sample``); prompts, guidance scale,
+seeds and latents are traced arguments, so calling again with new values does not
+recompile. Speed/memory options are the JAX forms of diffusers' guides: ``dtype`` at load
+time (bf16/fp16), ``attention=`` kernel choice, ``fuse_qkv``, ``matmul_precision``,
+``vae_slicing`` and ``vae_tiling``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+OUTPUT_TYPES = ("np", "pil", "latent")
 
 
 @dataclasses.dataclass
@@ -19,7 +37,252 @@ class StableDiffusionPipeline:
     scheduler: Optional[dict] = None   # the diffusers scheduler config dict
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    vae_slicing: bool = False          # decode one image at a time (lax.map): peak memory / N
+    vae_tiling: bool = False           # decode overlapping latent tiles and blend the seams
+    vae_tile_latent: int = 64          # tile size in latent pixels (diffusers: 512 px / 8)
+    vae_tile_overlap: float = 0.25
+    matmul_precision: Optional[str] = None  # jax.default_matmul_precision: "bfloat16",
+    #                                         "tensorfloat32", "float32" (TF32 analogue)
 
+    def __post_init__(self):
+        self._jitted = {}
+
+    # ----------------------------------------------------------------- properties
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.config.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def set_attention(self, impl=None, *, fuse_qkv: bool = False) -> "StableDiffusionPipeline":
+        from jaxdiff.models.attention import set_attention
+
+        for m in (self.unet, self.vae):
+            set_attention(m, impl, fuse_qkv=fuse_qkv)
+        self._jitted.clear()
+        return self
+
+    # ----------------------------------------------------------------- text
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        if self.tokenizer is None:
+            raise ValueError("this pipeline has no tokenizer: pass prompt_embeds instead")
+        ids = self.tokenizer(list(prompts), padding="max_length",
+                             max_length=self.tokenizer.model_max_length, truncation=True,
+                             return_tensors="np").input_ids
+        return np.asarray(ids, np.int32)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
+        """[B] strings -> [B, L, D] last hidden states of the text encoder (jitted)."""
+        ids = self.tokenize(prompts)
+        fn = self._jit("text", self.text_encoder,
+                       lambda te, ids: te(ids).last_hidden_state)
+        return fn(nnx.state(self.text_encoder), ids)
+
+    # ----------------------------------------------------------------- VAE
+    def decode_latents(self, latents) -> jax.Array:
+        """Diffusion latents [N, h, w, C] -> images [N, H, W, 3] in [0, 1] (jitted)."""
+        cfg = self.vae.config
+        scale, shift = cfg.scaling_factor, cfg.shift_factor or 0.0
+
+        def decode(vae, z):
+            z = z / scale + shift
+            if self.vae_tiling:
+                img = _tiled_decode(vae, z, self.vae_tile_latent, self.vae_tile_overlap)
+            elif self.vae_slicing:
+                img = jax.lax.map(lambda zi: vae.decode(zi[None])[0], z)
+            else:
+                img = vae.decode(z)
+            return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+        key = ("vae", self.vae_tiling, self.vae_slicing, self.vae_tile_latent,
+               self.vae_tile_overlap)
+        fn = self._jit(key, self.vae, decode)
+        return fn(nnx.state(self.vae), jnp.asarray(latents))
+
+    def _jit(self, key, module, f):
+        if key not in self._jitted:
+            graphdef = nnx.graphdef(module)
+
+            @jax.jit
+            def run(state, *args):
+                with self._precision():
+                    return f(nnx.merge(graphdef, state), *args)
+
+            self._jitted[key] = run
+        return self._jitted[key]
+
+    def _precision(self):
+        return jax.default_matmul_precision(self.matmul_precision or "default")
+
+    # ----------------------------------------------------------------- sampling
+    def make_solver(self, solver, num_inference_steps: int):
+        from jaxdiff import solvers
+
+        if num_inference_steps is None or int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got "
+                             f"{num_inference_steps!r}")
+        if solver is None:
+            if self.scheduler is None:
+                raise ValueError("this pipeline has no scheduler config: pass solver=")
+            return solvers.from_diffusers(self.scheduler, int(num_inference_steps))
+        if isinstance(solver, str):
+            return solvers.make(solver, self.scheduler, int(num_inference_steps))
+        return solver
+
+    def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> jax.Array:
+        f = self.vae_scale_factor
+        shape = (height // f, width // f, self.latent_channels)
+        return jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
+
+    def __call__(self, prompt=None, negative_prompt=None, *, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 num_images_per_prompt: int = 1, seed=0, latents=None, noise=None,
+                 solver=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 output_type: str = "np", progress: bool = False):
+        """Generate images. ``seed``: an int (image j uses seed + j) or one int per image.
+        ``latents``: standard-normal x_T [N, h, w, C] (NHWC) instead of seeds."""
+        from jaxdiff.guidance import classifier_free
+        from jaxdiff.sampling import sample
+
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        f = self.vae_scale_factor
+        default = (self.unet.config.sample_size or 64) * f
+        height = default if height is None else int(height)
+        width = default if width is None else int(width)
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {f}, got "
+                             f"{height}x{width}")
+
+        cond = self._embeddings(prompt, prompt_embeds, "prompt")
+        do_cfg = guidance_scale is not None and float(guidance_scale) != 1.0
+        uncond = None
+        if do_cfg:
+            if negative_prompt_embeds is not None or prompt_embeds is None or \
+                    negative_prompt is not None:
+                if negative_prompt_embeds is None:
+                    neg = negative_prompt if negative_prompt is not None else ""
+                    neg = [neg] * cond.shape[0] if isinstance(neg, str) else list(neg)
+                    if len(neg) != cond.shape[0]:
+                        raise ValueError(f"{len(neg)} negative prompts for {cond.shape[0]} "
+                                         "prompts")
+                    uncond = self.encode_prompt(neg)
+                else:
+                    uncond = jnp.asarray(negative_prompt_embeds)
+            else:
+                uncond = self.encode_prompt([""] * cond.shape[0])
+        if num_images_per_prompt > 1:
+            cond = jnp.repeat(cond, num_images_per_prompt, axis=0)
+            uncond = None if uncond is None else jnp.repeat(uncond, num_images_per_prompt, 0)
+        n = cond.shape[0]
+
+        if latents is None:
+            seeds = [seed + j for j in range(n)] if np.isscalar(seed) else list(seed)
+            if len(seeds) != n:
+                raise ValueError(f"{len(seeds)} seeds for {n} images")
+            latents = self.initial_latents(seeds, height, width)
+        else:
+            latents = jnp.asarray(latents)
+            want = (n, height // f, width // f, self.latent_channels)
+            if latents.shape != want:
+                raise ValueError(f"latents must have shape {want} (NHWC), got "
+                                 f"{tuple(latents.shape)}")
+            seeds = [seed + j for j in range(n)] if np.isscalar(seed) else list(seed)
+
+        solver = self.make_solver(solver, num_inference_steps)
+        if noise is None:
+            # per-image noise streams, so an image does not depend on its batch-mates
+            keys = [jax.random.fold_in(jax.random.key(int(s)), 1) for s in seeds]
+            noise = jnp.stack([jax.random.normal(k, (solver.num_steps,) + latents.shape[1:])
+                               for k in keys], axis=1)
+        model_fn = classifier_free(self.unet, cond, uncond, guidance_scale if do_cfg else 1.0,
+                                   guidance_rescale=guidance_rescale)
+        with self._precision():
+            x0 = sample(model_fn, solver, latents, noise=noise, progress=progress)
+        if output_type == "latent":
+            return x0
+        images = self.decode_latents(x0)
+        if output_type == "pil":
+            return to_pil(images)
+        return np.asarray(images)
+
+    def _embeddings(self, prompt, embeds, what):
+        if embeds is not None:
+            if prompt is not None:
+                raise ValueError(f"pass either {what} or {what}_embeds, not both")
+            embeds = jnp.asarray(embeds)
+            if embeds.ndim != 3:
+                raise ValueError(f"{what}_embeds must be [B, L, D], got {tuple(embeds.shape)}")
+            return embeds
+        if prompt is None:
+            raise ValueError(f"pass {what} (str or list of str) or {what}_embeds")
+        return self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt))
+
+
+def _ramp(n: int, overlap: int, lo: bool, hi: bool) -> np.ndarray:
+    """Blend weights along one axis of a tile: linear ramps on the sides shared with a
+    neighbouring tile, 1 elsewhere (normalised by the weight sum after accumulation)."""
+    w = np.ones(n, np.float32)
+    if overlap > 0:
+        ramp = (np.arange(overlap, dtype=np.float32) + 1) / (overlap + 1)
+        if lo:
+            w[:overlap] *= ramp
+        if hi:
+            w[-overlap:] *= ramp[::-1]
+    return w
+
+
+def _tiled_decode(vae, z, tile: int, overlap_frac: float):
+    """Decode overlapping latent tiles and blend the seams: peak activation memory is one
+    tile's whatever the image size. Like diffusers' tiling it is an approximation near the
+    seams (each tile sees only its own context)."""
+    n, h, w, _ = z.shape
+    f = vae.config.downsample_factor
+    if h <= tile and w <= tile:
+        return vae.decode(z).astype(jnp.float32)
+    overlap = max(int(tile * overlap_frac), 1)
+    stride = tile - overlap
+
+    def starts(size):
+        if size <= tile:
+            return [0]
+        return sorted({min(s, size - tile) for s in range(0, size - overlap, stride)})
+
+    out = jnp.zeros((n, h * f, w * f, vae.config.out_channels), jnp.float32)
+    total = jnp.zeros((1, h * f, w * f, 1), jnp.float32)
+    for y in starts(h):
+        for x in starts(w):
+            th, tw = min(tile, h - y), min(tile, w - x)
+            img = vae.decode(z[:, y:y + th, x:x + tw]).astype(jnp.float32)
+            wy = _ramp(th * f, overlap * f, y > 0, y + th < h)
+            wx = _ramp(tw * f, overlap * f, x > 0, x + tw < w)
+            wgt = jnp.asarray(wy[:, None] * wx[None, :])[None, :, :, None]
+            out = out.at[:, y * f:(y + th) * f, x * f:(x + tw) * f].add(img * wgt)
+            total = total.at[:, y * f:(y + th) * f, x * f:(x + tw) * f].add(wgt)
+    return out / total
+
+
+def to_pil(images):
+    """[N, H, W, C] floats in [0, 1] -> list of PIL images."""
+    from PIL import Image
+
+    arr = np.asarray(np.clip(np.asarray(images, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def image_grid(images, rows: int, cols: int):
+    """Tile [N, H, W, C] images (N <= rows * cols) into one PIL image."""
+    from PIL import Image
+
+    arr = np.asarray(images, np.float32)
+    n, h, w, c = arr.shape
+    if n > rows * cols:
+        raise ValueError(f"{n} images do not fit a {rows}x{cols} grid")
+    grid = np.ones((rows * h, cols * w, c), np.float32)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = arr[i]
+    return to_pil(grid[None])[0]

@@ -135,3 +135,64 @@ def torch_unet_forward(m, x, t, ctx, kw):
         out = m(torch.from_numpy(nchw(x)), torch.from_numpy(t), torch.from_numpy(ctx),
                 **targs).sample
     return nhwc(out.numpy())
+
+
+def write_tiny_tokenizer(folder, max_length=16):
+    """A CLIP BPE tokenizer over a small local vocabulary (no hub): every byte symbol, its
+    word-final form, a few merges, and the start/end tokens."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # byte-level BPE alphabet: printable bytes stand for themselves, the rest are shifted
+    # past 255 so that every byte has a visible symbol
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    shifted = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(shifted))]
+    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"),
+              ("d", "o"), ("do", "g</w>")]
+    vocab = {}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+    for s in symbols:
+        vocab.setdefault(s + "</w>", len(vocab))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges)
+                                       + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    return len(vocab)
+
+
+def write_tiny_pipeline(folder, seed=0):
+    """A complete diffusers StableDiffusionPipeline folder with tiny random components."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from pathlib import Path
+
+    folder = Path(folder)
+    vocab = write_tiny_tokenizer(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**UNET_CONFIGS["sd1"], "sample_size": 16}).eval()
+    vae = AutoencoderKL(**{**VAE_CONFIG, "sample_size": 32}).eval()
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16, projection_dim=12,
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)).eval()
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return pipe

@@ -1,0 +1,16 @@
+"""`make bench`: every benchmark, each writing its section of benchmarks/RESULTS.md."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import unet_forward  # noqa: E402
+
+
+def main():
+    unet_forward.main([])
+
+
+if __name__ == "__main__":
+    main()

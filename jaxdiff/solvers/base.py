@@ -1,0 +1,167 @@
+"""What every solver shares: the pytree dataclass, model-output conversions, config checks.
+
+A solver is a frozen dataclass registered as a pytree. Per-step tables (timesteps, alphas,
+sigmas, multistep coefficients; arrays of length ``num_steps``) are leaves, so a driver takes
+the solver as a ``jax.jit`` argument and indexes the tables with the traced step index ``i``
+inside ``lax.scan``. Options that change the program (prediction type, order, clipping) are
+static fields. All tables are computed once on the host in float64 from diffusers' float32
+schedule and stored as float32.
+
+Interface (``Solver``)::
+
+    timesteps                      # [num_steps] float32: the t passed to the model, in order
+    num_steps                      # static int, == len(timesteps): one per model evaluation
+    prediction_type                # "epsilon" | "v_prediction" | "sample"
+    init_noise_sigma               # x = x_T * init_noise_sigma before the first step
+    stochastic                     # static bool: step consumes its noise argument
+    scale_model_input(x, i)        # model input at step i
+    init(x) -> state               # NamedTuple of fixed-shape arrays (multistep history)
+    step(state, i, x, model_output, noise) -> (x_next, state)
+
+Single-step solvers also have ``picard_terms(i, x, model_output) -> (drift, noise_scale)``
+with ``x_{i+1} = x_i + drift + noise_scale * noise_i``; ParaDiGMS sums these over a window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def static_field(**kw):
+    return dataclasses.field(metadata={"static": True}, **kw)
+
+
+def solver_dataclass(cls):
+    """Frozen dataclass + pytree registration (fields with ``static_field`` are metadata)."""
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+class EmptyState(NamedTuple):
+    """State of solvers without history."""
+
+
+def f32(a) -> jax.Array:
+    return jnp.asarray(np.asarray(a, np.float64).astype(np.float32))
+
+
+class Solver:
+    """Base class: defaults for solvers without input scaling, state or noise."""
+
+    stochastic = False          # overridden by a static field where it depends on options
+
+    def scale_model_input(self, x, i):
+        return x
+
+    def init(self, x):
+        return EmptyState()
+
+    def step(self, state, i, x, model_output, noise):
+        raise NotImplementedError
+
+    def picard_terms(self, i, x, model_output):
+        raise NotImplementedError(f"{type(self).__name__} is a multistep solver: its step depends "
+                                  "on history, so it has no single-step Picard split")
+
+    def __len__(self):
+        return self.num_steps
+
+
+# ----------------------------------------------------------------------------- conversions
+def vp_x0(prediction_type: str, model_output, x, alpha, sigma):
+    """x0 prediction in the VP parametrisation x = alpha x0 + sigma eps (alpha, sigma are
+    sqrt(abar), sqrt(1 - abar))."""
+    if prediction_type == "epsilon":
+        return (x - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * model_output
+    return model_output
+
+
+def vp_eps(prediction_type: str, model_output, x, alpha, sigma):
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha * model_output + sigma * x
+    return (x - alpha * model_output) / sigma
+
+
+def ve_x0(prediction_type: str, model_output, x, sigma):
+    """x0 prediction in the VE parametrisation x = x0 + sigma eps (k-diffusion solvers;
+    x here is the unscaled latent, the model saw x / sqrt(sigma^2 + 1))."""
+    if prediction_type == "epsilon":
+        return x - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / jnp.sqrt(sigma * sigma + 1)) + x / (sigma * sigma + 1)
+    return model_output
+
+
+def threshold(x0, ratio: float, max_value: float):
+    """Dynamic thresholding (Imagen): per sample, s = the ``ratio`` quantile of |x0| clamped
+    to [1, max_value]; x0 -> clip(x0, -s, s) / s."""
+    flat = x0.reshape(x0.shape[0], -1).astype(jnp.float32)
+    s = jnp.quantile(jnp.abs(flat), ratio, axis=1)
+    s = jnp.clip(s, 1.0, max_value)[:, None]
+    return (jnp.clip(flat, -s, s) / s).reshape(x0.shape).astype(x0.dtype)
+
+
+def postprocess_x0(x0, *, thresholding=False, clip_sample=False, clip_sample_range=1.0,
+                   dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
+    if thresholding:
+        return threshold(x0, dynamic_thresholding_ratio, sample_max_value)
+    if clip_sample:
+        return jnp.clip(x0, -clip_sample_range, clip_sample_range)
+    return x0
+
+
+def push(history, value):
+    """Append ``value`` to a [K, ...] history buffer, dropping the oldest (index 0)."""
+    return jnp.concatenate([history[1:], value[None].astype(history.dtype)], axis=0)
+
+
+def at(table, i):
+    """Entry i of a per-step table, as a scalar of the table's dtype."""
+    return jnp.asarray(table)[i]
+
+
+# ----------------------------------------------------------------------------- config checks
+# Keys of a diffusers scheduler config that never affect sampling.
+METADATA_KEYS = frozenset({"_class_name", "_diffusers_version", "_use_default_values",
+                           "_name_or_path"})
+
+
+def choose(cfg: Mapping[str, Any], key: str, allowed, solver: str):
+    value = cfg[key]
+    if value not in allowed:
+        raise ValueError(f"{solver}: unsupported {key}={value!r}; jaxdiff implements "
+                         f"{list(allowed)}")
+    return value
+
+
+def require_default(cfg: Mapping[str, Any], defaults: Mapping[str, Any], keys, solver: str):
+    """Options jaxdiff does not implement must keep diffusers' default (no-op) value."""
+    for key in keys:
+        if cfg[key] != defaults[key] and not (cfg[key] in (None, False, [], ())
+                                              and defaults[key] in (None, False, [], ())):
+            raise ValueError(f"{solver}: unsupported {key}={cfg[key]!r}; jaxdiff implements "
+                             f"only {key}={defaults[key]!r}")
+
+
+def schedule_from(cfg: Mapping[str, Any]):
+    from jaxdiff.schedules import Schedule
+    tb = cfg.get("trained_betas")
+    return Schedule(num_train_timesteps=int(cfg["num_train_timesteps"]),
+                    beta_start=float(cfg["beta_start"]), beta_end=float(cfg["beta_end"]),
+                    beta_schedule=cfg["beta_schedule"],
+                    trained_betas=None if tb is None else tuple(float(b) for b in tb),
+                    rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)))
+
+
+def check_prediction_type(cfg, solver: str, allowed=PREDICTION_TYPES) -> str:
+    return choose(cfg, "prediction_type", allowed, solver)
