@@ -17,7 +17,7 @@ import conversion
 from jaxdiff.models import UNetConfig
 from tiny import nchw, nhwc, rel_l2, torch_unet_forward
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("full_size")]
 
 TOL = 1e-4
 

@@ -1,0 +1,102 @@
+"""DDIM (Song et al. 2021); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import schedules
+from jaxdiff.solvers.base import (Solver, at, check_prediction_type, choose, f32,
+                                  postprocess_x0, schedule_from, solver_dataclass,
+                                  static_field, vp_eps, vp_x0)
+
+DIFFUSERS_CLASS = "DDIMScheduler"
+DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                beta_schedule="linear", trained_betas=None, clip_sample=True,
+                set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
+                thresholding=False, dynamic_thresholding_ratio=0.995, clip_sample_range=1.0,
+                sample_max_value=1.0, timestep_spacing="leading", rescale_betas_zero_snr=False)
+# diffusers passes these to step(), not to the constructor
+STEP_OPTIONS = dict(eta=0.0, use_clipped_model_output=False)
+
+
+@solver_dataclass
+class DDIM(Solver):
+    timesteps: jax.Array             # [N]
+    sqrt_abar: jax.Array             # [N] sqrt(abar_t)
+    sqrt_1m_abar: jax.Array          # [N] sqrt(1 - abar_t)
+    sqrt_abar_prev: jax.Array        # [N] sqrt(abar_{t - T/N}) (final alpha when < 0)
+    dir_coef: jax.Array              # [N] sqrt(1 - abar_prev - std^2)
+    std: jax.Array                   # [N] eta * sqrt(posterior variance)
+    eta: jax.Array                   # scalar (informative; std already includes it)
+    num_steps: int = static_field()
+    prediction_type: str = static_field(default="epsilon")
+    stochastic: bool = static_field(default=False)
+    use_clipped_model_output: bool = static_field(default=False)
+    clip_sample: bool = static_field(default=True)
+    clip_sample_range: float = static_field(default=1.0)
+    thresholding: bool = static_field(default=False)
+    dynamic_thresholding_ratio: float = static_field(default=0.995)
+    sample_max_value: float = static_field(default=1.0)
+
+    init_noise_sigma = 1.0
+
+    def _mean_std(self, i, x, model_output):
+        a, s = at(self.sqrt_abar, i), at(self.sqrt_1m_abar, i)
+        x0 = vp_x0(self.prediction_type, model_output, x, a, s)
+        eps = vp_eps(self.prediction_type, model_output, x, a, s)
+        x0 = postprocess_x0(x0, thresholding=self.thresholding, clip_sample=self.clip_sample,
+                            clip_sample_range=self.clip_sample_range,
+                            dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
+                            sample_max_value=self.sample_max_value)
+        if self.use_clipped_model_output:
+            eps = (x - a * x0) / s
+        mean = at(self.sqrt_abar_prev, i) * x0 + at(self.dir_coef, i) * eps
+        return mean, at(self.std, i)
+
+    def step(self, state, i, x, model_output, noise):
+        mean, std = self._mean_std(i, x, model_output)
+        if self.stochastic:
+            mean = mean + std * noise
+        return mean.astype(x.dtype), state
+
+    def picard_terms(self, i, x, model_output):
+        mean, std = self._mean_std(i, x, model_output)
+        return mean - x, std if self.stochastic else jnp.zeros_like(std)
+
+
+def build(cfg, num_inference_steps: int, eta: float = 0.0,
+          use_clipped_model_output: bool = False) -> DDIM:
+    name = DIFFUSERS_CLASS
+    pt = check_prediction_type(cfg, name)
+    spacing = choose(cfg, "timestep_spacing", schedules.TIMESTEP_SPACINGS, name)
+    eta = float(eta)
+    if not eta >= 0.0:
+        raise ValueError(f"{name}: eta must be >= 0, got {eta}")
+    sched = schedule_from(cfg)
+    T = sched.num_train_timesteps
+    n = schedules.check_num_steps(num_inference_steps, T)
+    ac = sched.alphas_cumprod
+    ts = schedules.discrete_timesteps(T, n, spacing, int(cfg["steps_offset"]))
+    if ts.min() < 0 or ts.max() >= T:
+        raise ValueError(f"{name}: timesteps {ts.tolist()} fall outside [0, {T}) "
+                         f"(steps_offset={cfg['steps_offset']})")
+    final = np.float32(1.0) if cfg["set_alpha_to_one"] else ac[0]
+    prev = ts - T // n                                # diffusers' rule, whatever the spacing
+    one = np.float32(1.0)
+    a_t = ac[ts]
+    a_prev = np.array([ac[p] if p >= 0 else final for p in prev], np.float32)
+    beta_t, beta_prev = one - a_t, one - a_prev
+    var = (beta_prev / beta_t) * (one - a_t / a_prev)
+    std = np.float32(eta) * np.sqrt(var)
+    dir_coef = np.sqrt(one - a_prev - std ** 2)
+    return DDIM(timesteps=f32(ts), sqrt_abar=f32(np.sqrt(a_t)), sqrt_1m_abar=f32(np.sqrt(beta_t)),
+                sqrt_abar_prev=f32(np.sqrt(a_prev)), dir_coef=f32(dir_coef), std=f32(std),
+                eta=f32(eta), num_steps=len(ts), prediction_type=pt, stochastic=eta > 0,
+                use_clipped_model_output=bool(use_clipped_model_output),
+                clip_sample=bool(cfg["clip_sample"]),
+                clip_sample_range=float(cfg["clip_sample_range"]),
+                thresholding=bool(cfg["thresholding"]),
+                dynamic_thresholding_ratio=float(cfg["dynamic_thresholding_ratio"]),
+                sample_max_value=float(cfg["sample_max_value"]))

@@ -1,0 +1,225 @@
+"""DPM-Solver++ multistep (Lu et al. 2022), orders 1-3, and its SDE variant.
+
+Every step is ``x' = a x + b0 D0 + b1 D1 + b2 D2 (+ c noise)`` where D0, D1, D2 are the data
+prediction and its first and second divided differences over the last three steps (in
+lambda = log(alpha / sigma)). Which order a step uses (warm-up, ``lower_order_final``) is
+decided on the host, so the per-step tables carry zeros for unused terms and the traced step
+is one fused expression.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import schedules
+from jaxdiff.solvers.base import (Solver, at, check_prediction_type, choose, f32,
+                                  postprocess_x0, push, require_default, schedule_from,
+                                  solver_dataclass, static_field, vp_x0)
+
+DIFFUSERS_CLASS = "DPMSolverMultistepScheduler"
+DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                beta_schedule="linear", trained_betas=None, solver_order=2,
+                prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
+                sample_max_value=1.0, algorithm_type="dpmsolver++", solver_type="midpoint",
+                lower_order_final=True, euler_at_final=False, use_karras_sigmas=False,
+                use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False,
+                use_flow_sigmas=False, flow_shift=1.0, final_sigmas_type="zero",
+                lambda_min_clipped=-float("inf"), variance_type=None,
+                timestep_spacing="linspace", steps_offset=0, rescale_betas_zero_snr=False,
+                use_dynamic_shifting=False, time_shift_type="exponential")
+STEP_OPTIONS = {}
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+
+
+class MultistepState(NamedTuple):
+    history: jax.Array   # [order, ...] past data predictions, newest last
+
+
+@solver_dataclass
+class DPMSolverPP(Solver):
+    timesteps: jax.Array      # [N]
+    sigmas: jax.Array         # [N + 1] VE sigmas
+    alpha: jax.Array          # [N] alpha_s of the current point (x0 conversion)
+    sigma: jax.Array          # [N] sigma_s of the current point
+    coef: jax.Array           # [N, 5]: a, b0, b1, b2, c (noise)
+    diff: jax.Array           # [N, 4]: 1/r0, 1/r1, r0/(r0+r1), 1/(r0+r1)
+    num_steps: int = static_field()
+    order: int = static_field(default=2)
+    prediction_type: str = static_field(default="epsilon")
+    algorithm_type: str = static_field(default="dpmsolver++")
+    thresholding: bool = static_field(default=False)
+    dynamic_thresholding_ratio: float = static_field(default=0.995)
+    sample_max_value: float = static_field(default=1.0)
+
+    init_noise_sigma = 1.0
+
+    @property
+    def stochastic(self):
+        return self.algorithm_type.startswith("sde")
+
+    def init(self, x):
+        return MultistepState(history=jnp.zeros((self.order,) + x.shape, x.dtype))
+
+    def _x0(self, i, x, model_output):
+        x0 = vp_x0(self.prediction_type, model_output, x, at(self.alpha, i), at(self.sigma, i))
+        return postprocess_x0(x0, thresholding=self.thresholding,
+                              dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
+                              sample_max_value=self.sample_max_value)
+
+    def step(self, state, i, x, model_output, noise):
+        hist = push(state.history, self._x0(i, x, model_output))
+        a, b0, b1, b2, c = (at(self.coef, i)[k] for k in range(5))
+        m0 = hist[-1]
+        x_next = a * x + b0 * m0
+        if self.order >= 2:
+            inv_r0, inv_r1, q, inv_r01 = (at(self.diff, i)[k] for k in range(4))
+            d10 = inv_r0 * (m0 - hist[-2])
+            if self.order >= 3:
+                d11 = inv_r1 * (hist[-2] - hist[-3])
+                d1 = d10 + q * (d10 - d11)
+                x_next = x_next + b1 * d1 + b2 * (inv_r01 * (d10 - d11))
+            else:
+                x_next = x_next + b1 * d10
+        if self.stochastic:
+            x_next = x_next + c * noise
+        return x_next.astype(x.dtype), MultistepState(history=hist)
+
+    def picard_terms(self, i, x, model_output):
+        if self.order != 1:
+            raise NotImplementedError("DPM-Solver++ has a single-step Picard split only for "
+                                      "solver_order=1")
+        a, b0, c = at(self.coef, i)[0], at(self.coef, i)[1], at(self.coef, i)[4]
+        x_next = a * x + b0 * self._x0(i, x, model_output)
+        return x_next - x, c if self.stochastic else c * 0
+
+
+def vp_lambda(sigma):
+    alpha, sig = schedules.vp_from_sigma(sigma)
+    with np.errstate(divide="ignore"):
+        return alpha, sig, np.log(alpha) - np.log(sig)
+
+
+def step_orders(n: int, order: int, lower_order_final: bool, euler_at_final: bool,
+                final_zero: bool) -> list:
+    out = []
+    for k in range(n):
+        done = min(k, order)                       # diffusers' lower_order_nums
+        final = k == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_zero)
+        second = k == n - 2 and lower_order_final and n < 15
+        if order == 1 or done < 1 or final:
+            out.append(1)
+        elif order == 2 or done < 2 or second:
+            out.append(2)
+        else:
+            out.append(3)
+    return out
+
+
+def dpm_tables(sigmas, orders, algorithm_type, solver_type):
+    n = len(orders)
+    coef, diff = np.zeros((n, 5)), np.zeros((n, 4))
+    alpha, sig, lam = vp_lambda(np.asarray(sigmas, np.float64))
+    sde = algorithm_type == "sde-dpmsolver++"
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for k, o in enumerate(orders):
+            a_t, s_t, s_0 = alpha[k + 1], sig[k + 1], sig[k]
+            h = lam[k + 1] - lam[k]
+            em, em2 = np.exp(-h), np.exp(-2.0 * h)
+            if sde:
+                a = s_t / s_0 * em
+                b0 = a_t * (1 - em2)
+                c = s_t * np.sqrt(1.0 - em2)
+                b1_mid, b1_heun = 0.5 * a_t * (1 - em2), a_t * ((1.0 - em2) / (-2.0 * h) + 1.0)
+                b2 = a_t * ((1.0 - em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) if o == 3 else 0.0
+            else:
+                a = s_t / s_0
+                b0 = -(a_t * (em - 1.0))
+                c = 0.0
+                b1_mid, b1_heun = -0.5 * (a_t * (em - 1.0)), a_t * ((em - 1.0) / h + 1.0)
+                b2 = -(a_t * ((em - 1.0 + h) / h ** 2 - 0.5)) if o == 3 else 0.0
+            row_d = [0.0, 0.0, 0.0, 0.0]
+            b1 = 0.0
+            if o == 2:
+                r0 = (lam[k] - lam[k - 1]) / h
+                row_d[0] = 1.0 / r0
+                b1 = b1_mid if solver_type == "midpoint" else b1_heun
+            elif o == 3:
+                r0 = (lam[k] - lam[k - 1]) / h
+                r1 = (lam[k - 1] - lam[k - 2]) / h
+                row_d = [1.0 / r0, 1.0 / r1, r0 / (r0 + r1), 1.0 / (r0 + r1)]
+                b1 = b1_heun
+            if o == 1 and s_t == 0:                # final step to sigma = 0: x' = x0 exactly
+                a, b0, c = 0.0, 1.0, 0.0
+            coef[k] = [a, b0, b1, b2, c]
+            diff[k] = row_d
+    if not (np.isfinite(coef).all() and np.isfinite(diff).all()):
+        raise ValueError("DPMSolverMultistepScheduler: non-finite solver coefficients (a higher-"
+                         "order step ends at sigma = 0); use lower_order_final=True")
+    return coef, diff, alpha[:n], sig[:n]
+
+
+def vp_sigma_schedule(cfg, num_inference_steps: int, solver: str, *, karras_config_bounds: bool,
+                      karras_final_is_last: bool, clip_lambda: bool):
+    """Timesteps and sigmas of the multistep VP solvers (DPM-Solver, UniPC)."""
+    spacing = choose(cfg, "timestep_spacing", schedules.TIMESTEP_SPACINGS, solver)
+    final_type = choose(cfg, "final_sigmas_type", ("zero", "sigma_min"), solver)
+    sched = schedule_from(cfg)
+    T = sched.num_train_timesteps
+    n = schedules.check_num_steps(num_inference_steps, T)
+    ac = sched.alphas_cumprod.copy()
+    if sched.rescale_betas_zero_snr:
+        ac[-1] = np.float32(2.0 ** -24)
+    train = schedules.sigmas_from_alphas_cumprod(ac)
+    log_sigmas = np.log(train)
+    last = T
+    if clip_lambda and cfg.get("lambda_min_clipped", -np.inf) != -np.inf:
+        lam = np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1) - ac))
+        last = T - int(np.searchsorted(lam[::-1], np.float32(cfg["lambda_min_clipped"])))
+    ts = schedules.multistep_timesteps(T, n, spacing, int(cfg["steps_offset"]), last)
+    sigma_last = np.sqrt((np.float32(1) - ac[0]) / ac[0])
+    if cfg.get("use_karras_sigmas"):
+        flipped = train[::-1]
+        lo = cfg.get("sigma_min") if karras_config_bounds else None
+        hi = cfg.get("sigma_max") if karras_config_bounds else None
+        lo = float(flipped[-1]) if lo is None else lo
+        hi = float(flipped[0]) if hi is None else hi
+        sigmas = schedules.karras_sigmas(lo, hi, n)
+        ts = schedules.sigma_to_t(sigmas, log_sigmas)
+        if karras_final_is_last:                           # UniPC
+            ts = ts.round()
+            sigma_last = sigmas[-1]
+        elif cfg["beta_schedule"] != "squaredcos_cap_v2":  # DPM-Solver
+            ts = ts.round()
+    else:
+        sigmas = schedules.interp_sigmas(ts, train)
+    sigmas = np.concatenate([sigmas, [sigma_last if final_type == "sigma_min" else 0.0]])
+    ts = np.asarray(ts).astype(np.int64)
+    if len(ts) and (ts.min() < 0 or ts.max() >= T):
+        raise ValueError(f"{solver}: timesteps {ts.tolist()} fall outside [0, {T})")
+    return ts.astype(np.float32), sigmas.astype(np.float32)
+
+
+def build(cfg, num_inference_steps: int) -> DPMSolverPP:
+    name = DIFFUSERS_CLASS
+    pt = check_prediction_type(cfg, name)
+    algo = choose(cfg, "algorithm_type", ALGORITHMS, name)
+    solver_type = choose(cfg, "solver_type", ("midpoint", "heun"), name)
+    order = choose(cfg, "solver_order", (1, 2, 3), name)
+    choose(cfg, "variance_type", (None,), name)
+    require_default(cfg, DEFAULTS, ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                                    "use_flow_sigmas", "use_dynamic_shifting"), name)
+    ts, sigmas = vp_sigma_schedule(cfg, num_inference_steps, name, karras_config_bounds=False,
+                                   karras_final_is_last=False, clip_lambda=True)
+    orders = step_orders(len(ts), order, bool(cfg["lower_order_final"]),
+                         bool(cfg["euler_at_final"]), cfg["final_sigmas_type"] == "zero")
+    coef, diff, alpha, sig = dpm_tables(sigmas, orders, algo, solver_type)
+    return DPMSolverPP(timesteps=f32(ts), sigmas=f32(sigmas), alpha=f32(alpha), sigma=f32(sig),
+                       coef=f32(coef), diff=f32(diff), num_steps=len(ts), order=int(order),
+                       prediction_type=pt, algorithm_type=algo,
+                       thresholding=bool(cfg["thresholding"]),
+                       dynamic_thresholding_ratio=float(cfg["dynamic_thresholding_ratio"]),
+                       sample_max_value=float(cfg["sample_max_value"]))
