@@ -5,11 +5,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import sampling  # noqa: E402
 import unet_forward  # noqa: E402
 
 
 def main():
     unet_forward.main([])
+    sampling.main([])
 
 
 if __name__ == "__main__":
