@@ -1,10 +1,13 @@
 """jaxdiff: fast diffusion sampling in JAX/Flax."""
 
-from jaxdiff import models
+from jaxdiff import guidance, models, schedules, solvers
+from jaxdiff.pipeline import StableDiffusionPipeline
+from jaxdiff.sampling import sample
 from jaxdiff.models import (AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection,
                             UNet2DConditionModel)
 
 __version__ = "0.1.0"
 
 __all__ = ["AutoencoderKL", "CLIPTextModel", "CLIPTextModelWithProjection",
-           "UNet2DConditionModel", "models"]
+           "StableDiffusionPipeline", "UNet2DConditionModel", "guidance", "models", "sample",
+           "schedules", "solvers"]

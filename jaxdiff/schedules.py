@@ -222,5 +222,6 @@ def vp_from_sigma(sigma):
 __all__ = ["BETA_SCHEDULES", "TIMESTEP_SPACINGS", "Schedule", "alphas_cumprod",
            "betas_for_alpha_bar", "check_num_steps", "cumprod_f32", "discrete_timesteps",
            "interp_sigmas", "karras_sigmas", "linspace_f32", "make_betas",
-           "multistep_timesteps", "rescale_betas_zero_snr", "rescale_zero_terminal_snr", "sigma_timesteps", "sigma_to_t",
+           "multistep_timesteps", "rescale_betas_zero_snr", "rescale_zero_terminal_snr",
+           "sigma_timesteps", "sigma_to_t",
            "sigmas_from_alphas_cumprod", "vp_from_sigma"]

@@ -125,8 +125,8 @@ def unipc_tables(sigmas, orders, order, solver_type, predict_x0, corrector_on):
                 h = lam[k + 1] - lam[k]
                 hh = -h if predict_x0 else h
                 pred[k, :2] = [base_x, -scale * np.expm1(hh)]
-                if s_t == 0 and predict_x0:          # exact limit: the data prediction
-                    pred[k, :2] = [0.0, 1.0]
+                if s_t == 0:                         # exact limit at sigma = 0: x0
+                    pred[k, :2] = [0.0, 1.0] if predict_x0 else [1 / alpha[k], -sig[k] / alpha[k]]
             else:
                 rks, h_phi_1, B_h, R, b = _bh(lam[k + 1], lam[k], [lam[k - j] for j in range(1, o)],
                                               o, solver_type, predict_x0)

@@ -1,0 +1,5 @@
+"""Drivers: run a solver's steps with a model function under ``jax.jit``."""
+
+from jaxdiff.sampling.sequential import sample
+
+__all__ = ["sample"]

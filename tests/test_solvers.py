@@ -1,0 +1,417 @@
+"""One shared suite for every solver: step-by-step parity with diffusers' PyTorch schedulers
+(same model outputs fed back, same noise; every step's x within 1e-5 in float32), plus the
+driver checks every solver must pass (shape/dtype, jit, determinism, no recompilation,
+finite gradients), config validation, schedules and the Picard split."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from jaxdiff import schedules, solvers  # noqa: E402
+from jaxdiff.sampling import sample  # noqa: E402
+from jaxdiff.sampling import sequential  # noqa: E402
+
+TOL = 1e-5                      # max abs error per step, float32
+SHAPE = (2, 3, 4, 4)            # solvers are elementwise: any layout works for parity
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+MAX_ERRORS: dict = {}
+
+
+# ------------------------------------------------------------------------------ toy model
+def toy_jax(x, t):
+    """A smooth model function for the driver checks (any magnitude will do there)."""
+    t = t.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.tanh(0.7 * x) * jnp.cos(t / 250.0) + 0.1 * jnp.sin(x + t / 400.0)
+
+
+def _denoiser(lib, x, t, ac, prediction_type, sd2=0.5):
+    """A stand-in network that keeps latents O(1), as a trained one does: the optimal x0
+    estimate for N(0, sd2) data plus a bounded nonlinear term, expressed in the requested
+    prediction type. The same float32 operations in torch and jax."""
+    t = t.reshape((-1,) + (1,) * (x.ndim - 1))
+    lo = lib.floor(t)
+    w = t - lo
+    lo_i = lo.long() if lib is torch else lo.astype(jnp.int32)
+    top = ac.shape[0] - 1
+    hi_i = jnp.minimum(lo_i + 1, top) if lib is jnp else (lo_i + 1).clamp(max=top)
+    abar = ac[lo_i] * (1 - w) + ac[hi_i] * w
+    a, s = lib.sqrt(abar), lib.sqrt(1 - abar)
+    x0 = a * sd2 * x / (abar * sd2 + s * s) + 0.1 * lib.tanh(x) * lib.cos(t / 250.0)
+    if prediction_type == "sample":
+        return x0
+    eps = (x - a * x0) / s
+    return eps if prediction_type == "epsilon" else a * eps - s * x0
+
+
+def run_diffusers(cls_name, config, n, x_T, noise, monkeypatch, step_kwargs=None):
+    """diffusers' denoising loop with the toy model; per-step noise injected."""
+    cls = getattr(diffusers, cls_name)
+    sched = cls(**config)
+    sched.set_timesteps(n)
+    current = {"i": 0}
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(noise[current["i"]]).to(dtype or torch.float32)
+
+    mod = inspect.getmodule(cls)
+    if hasattr(mod, "randn_tensor"):
+        monkeypatch.setattr(mod, "randn_tensor", fake_randn)
+    x = torch.from_numpy(x_T) * sched.init_noise_sigma
+    ac = sched.alphas_cumprod.to(torch.float32)
+    pt = sched.config.prediction_type
+    xs, levels = [], []
+    for i, t in enumerate(sched.timesteps):
+        current["i"] = i
+        inp = sched.scale_model_input(x, t)
+        out = _denoiser(torch, inp, torch.full((x.shape[0],), float(t)), ac, pt)
+        kw = dict(step_kwargs or {})
+        if cls_name == "DDIMScheduler" and kw.get("eta", 0) > 0:
+            kw["variance_noise"] = torch.from_numpy(noise[i])
+        if cls_name == "DPMSolverMultistepScheduler" and "sde" in config.get("algorithm_type", ""):
+            kw["variance_noise"] = torch.from_numpy(noise[i])
+        x = sched.step(out, t, x, **kw).prev_sample
+        xs.append(x.numpy().copy())
+        # k-diffusion schedulers work on x = x_vp * sqrt(sigma^2 + 1): note sigma after the step
+        ve = cls_name in VE_SCHEDULERS
+        levels.append(float(sched.sigmas[sched.step_index]) if ve else 0.0)
+    return sched, np.stack(xs), np.asarray(levels)
+
+
+VE_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                 "HeunDiscreteScheduler", "LMSDiscreteScheduler")
+P = pytest.param
+PARITY = [
+    # DDPM
+    P("DDPMScheduler", {}, 10, {}, id="ddpm-eps"),
+    P("DDPMScheduler", dict(SD, prediction_type="v_prediction", clip_sample=False), 8, {},
+      id="ddpm-v-sd"),
+    P("DDPMScheduler", dict(thresholding=True, timestep_spacing="trailing",
+                            prediction_type="sample"), 7, {}, id="ddpm-threshold-trailing"),
+    P("DDPMScheduler", dict(variance_type="fixed_large", timestep_spacing="linspace"), 6, {},
+      id="ddpm-fixed-large-linspace"),
+    # DDIM
+    P("DDIMScheduler", {}, 10, {}, id="ddim-eta0"),
+    P("DDIMScheduler", dict(prediction_type="v_prediction"), 10, dict(eta=0.5), id="ddim-eta.5-v"),
+    P("DDIMScheduler", dict(SD, set_alpha_to_one=False, clip_sample=False), 20, {},
+      id="ddim-sd"),
+    P("DDIMScheduler", dict(SD, timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                            prediction_type="v_prediction", clip_sample=False), 6,
+      dict(eta=0.5), id="ddim-trailing-zsnr-v"),
+    # PNDM
+    P("PNDMScheduler", dict(SD, skip_prk_steps=True), 10, {}, id="plms-sd"),
+    P("PNDMScheduler", dict(SD, skip_prk_steps=True, prediction_type="v_prediction"), 7, {},
+      id="plms-sd-v"),
+    P("PNDMScheduler", {}, 10, {}, id="pndm-prk"),
+    P("PNDMScheduler", dict(SD, skip_prk_steps=True, timestep_spacing="trailing"), 8, {},
+      id="plms-sd-trailing"),
+    # Euler
+    P("EulerDiscreteScheduler", {}, 10, {}, id="euler-eps"),
+    P("EulerDiscreteScheduler", dict(prediction_type="v_prediction"), 10, {}, id="euler-v"),
+    P("EulerDiscreteScheduler", dict(SD, timestep_spacing="leading"), 12, {}, id="euler-sd"),
+    P("EulerDiscreteScheduler", dict(use_karras_sigmas=True), 9, {}, id="euler-karras"),
+    # (trailing + zero SNR starts at sigma = 4096, i.e. x = 4096 x_T: one float32 ulp there
+    # is ~5e-4, so that combination cannot be compared at 1e-5 by any implementation)
+    P("EulerDiscreteScheduler", dict(SD, timestep_spacing="leading", rescale_betas_zero_snr=True,
+                                     prediction_type="v_prediction"), 6, {},
+      id="euler-leading-zsnr-v"),
+    P("EulerDiscreteScheduler", dict(SD, timestep_spacing="trailing"), 7, {},
+      id="euler-sd-trailing"),
+    # Euler ancestral
+    P("EulerAncestralDiscreteScheduler", {}, 10, {}, id="euler_a-eps"),
+    P("EulerAncestralDiscreteScheduler", dict(SD, timestep_spacing="leading",
+                                              prediction_type="v_prediction"), 8, {},
+      id="euler_a-sd-v"),
+    # Heun
+    P("HeunDiscreteScheduler", {}, 6, {}, id="heun-eps"),
+    P("HeunDiscreteScheduler", dict(prediction_type="v_prediction", use_karras_sigmas=True), 5,
+      {}, id="heun-karras-v"),
+    # LMS
+    P("LMSDiscreteScheduler", {}, 10, {}, id="lms-eps"),
+    P("LMSDiscreteScheduler", dict(SD, timestep_spacing="leading",
+                                   prediction_type="v_prediction"), 8, {}, id="lms-sd-v"),
+    P("LMSDiscreteScheduler", dict(use_karras_sigmas=True), 7, {}, id="lms-karras"),
+    # DPM-Solver++
+    P("DPMSolverMultistepScheduler", dict(solver_order=1), 8, {}, id="dpm-o1"),
+    P("DPMSolverMultistepScheduler", {}, 10, {}, id="dpm-o2"),
+    P("DPMSolverMultistepScheduler", dict(solver_order=3), 10, {}, id="dpm-o3"),
+    P("DPMSolverMultistepScheduler", dict(solver_order=3, prediction_type="v_prediction",
+                                          solver_type="heun"), 12, {}, id="dpm-o3-heun-v"),
+    P("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True), 10, {},
+      id="dpm-o2-karras-sd"),
+    P("DPMSolverMultistepScheduler", dict(solver_order=3, lower_order_final=False,
+                                          use_karras_sigmas=True), 8, {},
+      id="dpm-o3-karras-nolof"),
+    P("DPMSolverMultistepScheduler", dict(solver_order=3, lower_order_final=False,
+                                          final_sigmas_type="sigma_min"), 16, {},
+      id="dpm-o3-nolof-sigmamin"),
+    P("DPMSolverMultistepScheduler", dict(SD, timestep_spacing="leading",
+                                          prediction_type="v_prediction"), 9, {},
+      id="dpm-o2-leading-v"),
+    P("DPMSolverMultistepScheduler", dict(SD, timestep_spacing="trailing",
+                                          rescale_betas_zero_snr=True,
+                                          prediction_type="v_prediction"), 7, {},
+      id="dpm-o2-trailing-zsnr-v"),
+    P("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), 8, {},
+      id="sde-dpm-o2"),
+    P("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=3,
+                                          thresholding=True, prediction_type="sample"), 8, {},
+      id="sde-dpm-o3-threshold"),
+    # UniPC
+    P("UniPCMultistepScheduler", {}, 10, {}, id="unipc-bh2"),
+    P("UniPCMultistepScheduler", dict(solver_type="bh1", final_sigmas_type="sigma_min"), 10, {},
+      id="unipc-bh1"),
+    P("UniPCMultistepScheduler", dict(solver_order=3, prediction_type="v_prediction"), 10, {},
+      id="unipc-o3-v"),
+    P("UniPCMultistepScheduler", dict(SD, use_karras_sigmas=True, disable_corrector=[0, 3]), 8,
+      {}, id="unipc-karras-sd-disable"),
+    P("UniPCMultistepScheduler", dict(SD, predict_x0=False, final_sigmas_type="sigma_min"), 10,
+      {}, id="unipc-eps-mode-sd"),
+    P("UniPCMultistepScheduler", dict(SD, timestep_spacing="trailing"), 8, {},
+      id="unipc-sd-trailing"),
+]
+
+
+@pytest.mark.parametrize("cls_name,config,n,step_kwargs", PARITY)
+def test_parity_with_diffusers(cls_name, config, n, step_kwargs, monkeypatch, request):
+    """Every step's x within 1e-5 of diffusers'. For the k-diffusion (VE) schedulers x is
+    x_vp * sqrt(sigma^2 + 1), up to ~160 * x_vp, where one float32 ulp exceeds 1e-5: their
+    error is measured on x / sqrt(sigma^2 + 1), the latent the model sees next (and x0 at
+    the end, where sigma = 0)."""
+    rng = np.random.default_rng(zlib.crc32(request.node.callspec.id.encode()))
+    x_T = rng.standard_normal(SHAPE).astype(np.float32)
+    solver = solvers.from_diffusers({"_class_name": cls_name, **config}, n, **step_kwargs)
+    noise = rng.standard_normal((solver.num_steps,) + SHAPE).astype(np.float32)
+    sched, want, levels = run_diffusers(cls_name, config, n, x_T, noise, monkeypatch,
+                                        step_kwargs)
+
+    ref_t = sched.timesteps.numpy().astype(np.float32)
+    if np.all(ref_t == np.round(ref_t)):
+        np.testing.assert_array_equal(np.asarray(solver.timesteps), ref_t)
+    else:   # Karras timesteps of Euler/Heun/LMS are fractional: see test_sigmas_vs_torch
+        np.testing.assert_allclose(np.asarray(solver.timesteps), ref_t, rtol=3e-7, atol=0)
+    assert solver.num_steps == len(sched.timesteps)
+    np.testing.assert_allclose(float(solver.init_noise_sigma), float(sched.init_noise_sigma),
+                               rtol=1e-6)
+    kw = dict(noise=jnp.asarray(noise)) if solver.stochastic else {}
+    ac = jnp.asarray(sched.alphas_cumprod.numpy())
+
+    def model_fn(x, t):
+        return _denoiser(jnp, x, t, ac, solver.prediction_type)
+
+    _, got = sample(model_fn, solver, jnp.asarray(x_T), return_trajectory=True, **kw)
+    got = np.asarray(got)
+    assert got.shape == want.shape
+    assert np.isfinite(want).all()
+    scale = np.sqrt(levels.astype(np.float64) ** 2 + 1)
+    err = np.abs(got - want).max(axis=tuple(range(1, got.ndim))) / scale
+    MAX_ERRORS[request.node.callspec.id] = float(err.max())
+    print(f"{request.node.callspec.id}: max abs error {err.max():.2e} "
+          f"(final {err[-1]:.1e}, |x| <= {np.abs(want).max():.1f})")
+    assert err.max() <= TOL, f"first step over tolerance: {int(np.argmax(err > TOL))}, {err}"
+
+
+# ------------------------------------------------------------------------------ shared checks
+TRACES = {"n": 0}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ToyModel:
+    """A model function as a pytree: its weight is a traced jit argument."""
+    w: jax.Array
+
+    def __call__(self, x, t):          # x [N, H, W, C], t [N]
+        TRACES["n"] += 1               # runs only while tracing
+        return toy_jax(self.w * x, t)
+
+
+SHARED = ["ddpm", "ddim", "pndm", "euler", "euler_a", "heun", "lms", "dpm++", "unipc"]
+SHARED_OPTS = {"ddim": dict(eta=0.5), "dpm++": dict(solver_order=3)}
+
+
+@pytest.mark.parametrize("name", SHARED + ["sde-dpm++"])
+def test_driver_contract(name):
+    opts = dict(SHARED_OPTS.get(name, {}))
+    if name == "sde-dpm++":
+        name, opts = "dpm++", dict(algorithm_type="sde-dpmsolver++")
+    solver = solvers.make(name, dict(SD, _class_name="PNDMScheduler", skip_prk_steps=True), 4,
+                          **opts)
+    assert solver.num_steps == len(solver.timesteps)
+    x_T = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    model = ToyModel(jnp.float32(1.0))
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+
+    out = sample(model, solver, x_T, key=k1)
+    assert out.shape == x_T.shape and out.dtype == x_T.dtype
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(sample(model, solver, x_T, key=k1)))
+
+    traces, cache = TRACES["n"], sequential._run._cache_size()
+    other = sample(ToyModel(jnp.float32(0.9)), solver, x_T * 0.5, key=k2)
+    again = solver.__class__(**{f.name: getattr(solver, f.name)
+                                for f in dataclasses.fields(solver)})
+    sample(model, again, x_T, key=k2)                  # an equal solver rebuilt: same program
+    assert TRACES["n"] == traces and sequential._run._cache_size() == cache, "recompiled"
+    if solver.stochastic:
+        assert not np.allclose(np.asarray(other),
+                               np.asarray(sample(ToyModel(jnp.float32(0.9)), solver, x_T * 0.5,
+                                                 key=k1)))
+        with pytest.raises(ValueError, match="stochastic"):
+            sample(model, solver, x_T)
+        noise = jax.random.normal(k1, (solver.num_steps,) + x_T.shape)
+        assert np.isfinite(np.asarray(sample(model, solver, x_T, noise=noise))).all()
+    else:
+        np.testing.assert_array_equal(np.asarray(sample(model, solver, x_T)), np.asarray(out))
+
+    def loss(x, w):
+        return jnp.sum(sample(ToyModel(w), solver, x, key=k1) ** 2)
+
+    gx, gw = jax.grad(loss, argnums=(0, 1))(x_T[:1, :4, :4], jnp.float32(1.0))
+    assert np.isfinite(np.asarray(gx)).all() and np.isfinite(float(gw))
+    assert float(jnp.abs(gx).max()) > 0
+
+
+def test_jit_of_sample_and_progress():
+    solver = solvers.make("dpm++", None, 3)
+    calls = []
+    x_T = jnp.ones((1, 2, 2, 1))
+    out = sample(toy_jax, solver, x_T, progress=lambda i, n: calls.append((int(i), int(n))))
+    jax.effects_barrier()
+    assert sorted(calls) == [(0, 3), (1, 3), (2, 3)]
+    jitted = jax.jit(lambda x: sample(toy_jax, solver, x))
+    np.testing.assert_allclose(np.asarray(jitted(x_T)), np.asarray(out), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "euler_a", "dpm++"])
+def test_picard_terms_match_step(name):
+    opts = dict(eta=0.5) if name == "ddim" else dict(solver_order=1) if name == "dpm++" else {}
+    solver = solvers.make(name, None, 5, **opts)
+    k = jax.random.split(jax.random.key(3), 3)
+    x, out, noise = (jax.random.normal(kk, (2, 3, 3, 2)) for kk in k)
+    state = solver.init(x)
+    for i in range(solver.num_steps):
+        drift, scale = solver.picard_terms(jnp.int32(i), x, out)
+        want, _ = solver.step(state, jnp.int32(i), x, out, noise)
+        np.testing.assert_allclose(np.asarray(x + drift + scale * noise), np.asarray(want),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_multistep_has_no_picard_split():
+    with pytest.raises(NotImplementedError):
+        solvers.make("unipc", None, 5).picard_terms(0, jnp.zeros(2), jnp.zeros(2))
+    with pytest.raises(NotImplementedError):
+        solvers.make("dpm++", None, 5).picard_terms(0, jnp.zeros(2), jnp.zeros(2))
+
+
+# ------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("cls_name", sorted(solvers.SOLVERS))
+def test_defaults_match_diffusers(cls_name):
+    params = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
+    want = {k: p.default for k, p in params.items() if k != "self"}
+    got = solvers.SOLVERS[cls_name].DEFAULTS
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == v or (v != v and got[k] != got[k]), k
+
+
+def test_from_diffusers_errors():
+    with pytest.raises(ValueError, match="_class_name"):
+        solvers.from_diffusers({"_class_name": "KDPM2DiscreteScheduler"}, 10)
+    with pytest.raises(ValueError, match="algorithm_type"):
+        solvers.from_diffusers({"_class_name": "DPMSolverMultistepScheduler",
+                                "algorithm_type": "dpmsolver"}, 10)
+    with pytest.raises(ValueError, match="use_exponential_sigmas"):
+        solvers.from_diffusers({"_class_name": "EulerDiscreteScheduler",
+                                "use_exponential_sigmas": True}, 10)
+    with pytest.raises(ValueError, match="variance_type"):
+        solvers.from_diffusers({"_class_name": "DDPMScheduler", "variance_type": "learned"}, 10)
+    with pytest.raises(ValueError, match="prediction_type"):
+        solvers.from_diffusers({"_class_name": "DDIMScheduler",
+                                "prediction_type": "flow_prediction"}, 10)
+    with pytest.raises(ValueError, match="bogus_field"):
+        solvers.from_diffusers({"_class_name": "DDIMScheduler", "bogus_field": 1}, 10)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        solvers.from_diffusers({"_class_name": "DDIMScheduler", "beta_schedule": "sigmoid"}, 10)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        solvers.from_diffusers({"_class_name": "DDIMScheduler"}, 0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        solvers.from_diffusers({"_class_name": "DDIMScheduler"}, 1001)
+    with pytest.raises(ValueError, match="solver_p"):
+        solvers.from_diffusers({"_class_name": "UniPCMultistepScheduler", "solver_p": "x"}, 10)
+    with pytest.raises(ValueError, match="unknown solver"):
+        solvers.make("dpm2", None, 10)
+    with pytest.raises(ValueError, match="unknown option"):
+        solvers.make("euler", None, 10, eta=0.3)
+    with pytest.raises(ValueError, match="noise"):
+        sample(toy_jax, solvers.make("ddpm", None, 3), jnp.zeros((1, 2, 2, 1)),
+               noise=jnp.zeros((2, 1, 2, 2, 1)))
+
+
+def test_make_takes_fields_like_from_config():
+    """make('ddim', a PNDM config) == diffusers' DDIMScheduler.from_config(PNDM config)."""
+    pndm_cfg = dict(SD, _class_name="PNDMScheduler", _diffusers_version="0.6.0",
+                    skip_prk_steps=True, set_alpha_to_one=False, clip_sample=False,
+                    trained_betas=None, num_train_timesteps=1000)
+    for name, cls in [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler"),
+                      ("dpm++", "DPMSolverMultistepScheduler")]:
+        ref = getattr(diffusers, cls).from_config(pndm_cfg)
+        ref.set_timesteps(7)
+        got = solvers.make(name, pndm_cfg, 7)
+        np.testing.assert_array_equal(np.asarray(got.timesteps),
+                                      ref.timesteps.numpy().astype(np.float32))
+        via = solvers.from_diffusers({**dict(ref.config), "_class_name": cls}, 7)
+        np.testing.assert_array_equal(np.asarray(via.timesteps), np.asarray(got.timesteps))
+
+
+# ------------------------------------------------------------------------------ schedules
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("zsnr", [False, True])
+def test_betas_bitwise(schedule, zsnr):
+    ref = diffusers.DDPMScheduler(beta_schedule=schedule, rescale_betas_zero_snr=zsnr,
+                                  beta_start=0.00085, beta_end=0.012)
+    betas = schedules.make_betas(1000, 0.00085, 0.012, schedule, rescale_betas_zero_snr=zsnr)
+    if not zsnr:
+        np.testing.assert_array_equal(betas, ref.betas.numpy())
+        np.testing.assert_array_equal(schedules.alphas_cumprod(betas), ref.alphas_cumprod.numpy())
+    else:   # goes through sqrt: torch's is not correctly rounded (see test_sigmas_vs_torch)
+        np.testing.assert_allclose(schedules.alphas_cumprod(betas), ref.alphas_cumprod.numpy(),
+                                   rtol=0, atol=1e-6)
+        assert schedules.alphas_cumprod(betas)[-1] == 0
+
+
+def test_linspace_matches_torch(rng):
+    for _ in range(20):
+        a, b = sorted(rng.uniform(-3, 3, 2))
+        n = int(rng.integers(2, 2000))
+        np.testing.assert_array_equal(schedules.linspace_f32(a, b, n),
+                                      torch.linspace(a, b, n, dtype=torch.float32).numpy())
+
+
+def test_sigmas_vs_torch():
+    """torch's vectorised float32 CPU sqrt is not correctly rounded (1 ulp off for ~17% of
+    inputs); jaxdiff uses IEEE sqrt. The sigma tables agree to 1 ulp, which moves fractional
+    Karras timesteps by at most 1 ulp."""
+    ac = diffusers.EulerDiscreteScheduler().alphas_cumprod
+    ref = (((1 - ac) / ac) ** 0.5).numpy()
+    got = schedules.sigmas_from_alphas_cumprod(ac.numpy())
+    np.testing.assert_allclose(got, ref, rtol=1.2e-7, atol=0)
+
+
+def test_karras_and_sigma_to_t_roundtrip():
+    train = schedules.sigmas_from_alphas_cumprod(schedules.Schedule().alphas_cumprod)
+    sig = schedules.karras_sigmas(float(train[0]), float(train[-1]), 12)
+    assert sig[0] == pytest.approx(train[-1]) and sig[-1] == pytest.approx(train[0])
+    assert np.all(np.diff(sig) < 0)
+    t = schedules.sigma_to_t(sig, np.log(train))
+    back = np.exp(np.interp(t, np.arange(len(train)), np.log(train)))
+    np.testing.assert_allclose(back, sig, rtol=1e-5)
