@@ -54,7 +54,8 @@ def test_seeds_are_per_image_and_reproducible(pipes):
     kw = dict(num_inference_steps=4, solver="ddim", output_type="latent")
     both = pipe(["the cat", "a dog"], seed=[3, 7], **kw)
     alone = pipe(["a dog"], seed=[7], **kw)
-    np.testing.assert_allclose(both[1], alone[0], atol=1e-5)
+    # same image whatever its batch-mates (up to float32 reduction order in batched matmuls)
+    np.testing.assert_allclose(both[1], alone[0], atol=5e-4)
     again = pipe(["the cat", "a dog"], seed=[3, 7], **kw)
     np.testing.assert_array_equal(both, again)
     assert not np.allclose(both[0], pipe(["the cat"], seed=[4], **kw)[0])
@@ -83,3 +84,33 @@ def test_outputs_and_grid(pipes, tmp_path):
     grid = image_grid(arr, 2, 2)
     assert grid.size == (64, 64)
     grid.save(tmp_path / "grid.png")
+
+
+def test_second_call_does_not_recompile(pipes):
+    _, pipe = pipes
+    from jaxdiff.sampling import sequential
+
+    kw = dict(num_inference_steps=3, solver="dpm++", output_type="latent")
+    pipe(["the cat"], guidance_scale=7.5, seed=0, **kw)
+    before = sequential._run._cache_size()
+    pipe(["a dog"], guidance_scale=3.0, seed=11, guidance_rescale=0.3, **kw)
+    assert sequential._run._cache_size() == before
+
+
+def test_cli_sample(pipes, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    folder = tmp_path / "sd"
+    write_tiny_pipeline(folder)
+    out = tmp_path / "cat.png"
+    r = subprocess.run([sys.executable, "-m", "jaxdiff.cli", "sample", str(folder), "the cat",
+                        "--solver", "euler", "--steps", "3", "--num", "4", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (64, 64)  # 2x2 grid of 32x32 images
+    r = subprocess.run([sys.executable, "-m", "jaxdiff.cli", "sample", str(folder), "the cat",
+                        "--height", "31"], capture_output=True, text=True)
+    assert r.returncode == 2 and "multiples of 2" in r.stderr
