@@ -190,6 +190,15 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num: int, rho: float = 7.0
     return (hi + ramp * (lo - hi)) ** rho
 
 
+def karras_sigmas_for(cfg, sigma_min: float, sigma_max: float, num: int,
+                      config_bounds: bool) -> np.ndarray:
+    """Karras sigmas between the schedule's extremes, or the config's ``sigma_min`` /
+    ``sigma_max`` where the scheduler honours them (``config_bounds``) and they are set."""
+    lo = cfg.get("sigma_min") if config_bounds else None
+    hi = cfg.get("sigma_max") if config_bounds else None
+    return karras_sigmas(sigma_min if lo is None else lo, sigma_max if hi is None else hi, num)
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timestep of each sigma: linear interpolation in log sigma between
     the two neighbouring training sigmas (clipped to the table), as diffusers does, one sigma

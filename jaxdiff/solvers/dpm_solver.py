@@ -182,12 +182,8 @@ def vp_sigma_schedule(cfg, num_inference_steps: int, solver: str, *, karras_conf
     ts = schedules.multistep_timesteps(T, n, spacing, int(cfg["steps_offset"]), last)
     sigma_last = np.sqrt((np.float32(1) - ac[0]) / ac[0])
     if cfg.get("use_karras_sigmas"):
-        flipped = train[::-1]
-        lo = cfg.get("sigma_min") if karras_config_bounds else None
-        hi = cfg.get("sigma_max") if karras_config_bounds else None
-        lo = float(flipped[-1]) if lo is None else lo
-        hi = float(flipped[0]) if hi is None else hi
-        sigmas = schedules.karras_sigmas(lo, hi, n)
+        sigmas = schedules.karras_sigmas_for(cfg, float(train[0]), float(train[-1]), n,
+                                             karras_config_bounds)
         ts = schedules.sigma_to_t(sigmas, log_sigmas)
         if karras_final_is_last:                           # UniPC
             ts = ts.round()

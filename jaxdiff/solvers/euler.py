@@ -44,11 +44,8 @@ def sigma_schedule(cfg, num_inference_steps: int, solver: str, *, karras_config_
     ts = schedules.sigma_timesteps(T, n, spacing, int(cfg.get("steps_offset", 0)))
     sigmas = schedules.interp_sigmas(ts, train_sigmas)
     if cfg.get("use_karras_sigmas"):
-        lo = cfg.get("sigma_min") if karras_config_bounds else None
-        hi = cfg.get("sigma_max") if karras_config_bounds else None
-        lo = float(sigmas[-1]) if lo is None else lo
-        hi = float(sigmas[0]) if hi is None else hi
-        sigmas = schedules.karras_sigmas(lo, hi, n)
+        sigmas = schedules.karras_sigmas_for(cfg, float(sigmas[-1]), float(sigmas[0]), n,
+                                             karras_config_bounds)
         ts = schedules.sigma_to_t(sigmas, log_sigmas)
     final_type = cfg.get("final_sigmas_type", "zero")
     if final_type == "sigma_min":
