@@ -160,29 +160,23 @@ class StableDiffusionPipeline:
         cond = self._embeddings(prompt, prompt_embeds, "prompt")
         do_cfg = guidance_scale is not None and float(guidance_scale) != 1.0
         uncond = None
-        if do_cfg:
-            if negative_prompt_embeds is not None or prompt_embeds is None or \
-                    negative_prompt is not None:
-                if negative_prompt_embeds is None:
-                    neg = negative_prompt if negative_prompt is not None else ""
-                    neg = [neg] * cond.shape[0] if isinstance(neg, str) else list(neg)
-                    if len(neg) != cond.shape[0]:
-                        raise ValueError(f"{len(neg)} negative prompts for {cond.shape[0]} "
-                                         "prompts")
-                    uncond = self.encode_prompt(neg)
-                else:
-                    uncond = jnp.asarray(negative_prompt_embeds)
-            else:
-                uncond = self.encode_prompt([""] * cond.shape[0])
+        if do_cfg and negative_prompt_embeds is not None:
+            uncond = jnp.asarray(negative_prompt_embeds)
+        elif do_cfg:
+            neg = "" if negative_prompt is None else negative_prompt
+            neg = [neg] * cond.shape[0] if isinstance(neg, str) else list(neg)
+            if len(neg) != cond.shape[0]:
+                raise ValueError(f"{len(neg)} negative prompts for {cond.shape[0]} prompts")
+            uncond = self.encode_prompt(neg)
         if num_images_per_prompt > 1:
             cond = jnp.repeat(cond, num_images_per_prompt, axis=0)
             uncond = None if uncond is None else jnp.repeat(uncond, num_images_per_prompt, 0)
         n = cond.shape[0]
 
+        seeds = [seed + j for j in range(n)] if np.isscalar(seed) else list(seed)
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} images")
         if latents is None:
-            seeds = [seed + j for j in range(n)] if np.isscalar(seed) else list(seed)
-            if len(seeds) != n:
-                raise ValueError(f"{len(seeds)} seeds for {n} images")
             latents = self.initial_latents(seeds, height, width)
         else:
             latents = jnp.asarray(latents)
@@ -190,7 +184,6 @@ class StableDiffusionPipeline:
             if latents.shape != want:
                 raise ValueError(f"latents must have shape {want} (NHWC), got "
                                  f"{tuple(latents.shape)}")
-            seeds = [seed + j for j in range(n)] if np.isscalar(seed) else list(seed)
 
         solver = self.make_solver(solver, num_inference_steps)
         if noise is None:
