@@ -8,8 +8,12 @@
   jaxdiff sample MODEL "a prompt" [--negative "..."] [--solver dpm++] [--steps 30]
                 [--guidance 7.5] [--seed 0] [--num 1] [--height H --width W] [--out out.png]
       MODEL: a diffusers-format folder or one converted by `jaxdiff convert`.
-  jaxdiff demo
-      The main job (see README).
+  jaxdiff sample --model digits [--labels 3,1,4] [--per-class 10] [--solver ddim]
+                [--steps 50] [--guidance 1] [--seed 0] [--out digits.png]
+      The embedded digits model: a grid of class-conditional samples, with classifier
+      accuracy, FD-digits and timings printed.
+  jaxdiff demo [--conversion]
+      The main job (see README); --conversion: the SD 1.5 UNet conversion demo.
 """
 
 from __future__ import annotations
@@ -75,8 +79,39 @@ def _convert_one(src, dst, dtype, variant, class_name, overwrite, log):
     return {"convert_s": t1 - t0, "save_s": t2 - t1}
 
 
+def _sample_digits(args) -> int:
+    from jaxdiff.demo import run_digits
+
+    labels = None
+    try:
+        if args.labels:
+            labels = [int(v) for v in args.labels.split(",") if v.strip()]
+        run_digits(args.out or "digits.png", solver=args.solver or "ddim",
+                   steps=args.steps if args.steps is not None else 50,
+                   guidance_scale=args.guidance if args.guidance is not None else 1.0,
+                   seed=args.seed, labels=labels, per_class=args.per_class)
+    except ValueError as e:
+        print(f"jaxdiff sample: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _sample(args) -> int:
     import math
+
+    if args.model_opt is not None:
+        if args.model is not None:
+            args.prompt = args.model
+        args.model = args.model_opt
+    if args.model == "digits":
+        return _sample_digits(args)
+    if args.model is None or args.prompt is None:
+        print("jaxdiff sample: give a model folder and a prompt (or --model digits)",
+              file=sys.stderr)
+        return 2
+    args.steps = 30 if args.steps is None else args.steps
+    args.guidance = 7.5 if args.guidance is None else args.guidance
+    args.out = args.out or "sample.png"
 
     import conversion
     from jaxdiff.pipeline import image_grid
@@ -107,21 +142,30 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
     p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("sample", help="text-to-image with a Stable Diffusion folder")
-    p.add_argument("model")
-    p.add_argument("prompt")
+    p = sub.add_parser("sample", help="text-to-image with a Stable Diffusion folder, or the "
+                       "embedded digits model (--model digits)")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--model", dest="model_opt", default=None,
+                   help="'digits' or a Stable Diffusion folder")
+    p.add_argument("--labels", default=None, help="digits: comma-separated digits to draw")
+    p.add_argument("--per-class", type=int, default=10,
+                   help="digits: samples of each digit when --labels is not given")
     p.add_argument("--negative", default=None)
     p.add_argument("--solver", default=None, help="ddim, euler, dpm++, ... (default: the "
                    "folder's scheduler)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=None, help="default 30 (digits: 50)")
+    p.add_argument("--guidance", type=float, default=None, help="default 7.5 (digits: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1, help="images (a grid when > 1)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--out", default="sample.png")
-    sub.add_parser("demo", help="the main job (see README)")
+    p.add_argument("--out", default=None, help="PNG path (default sample.png / digits.png)")
+    p = sub.add_parser("demo", help="the main job (see README)")
+    p.add_argument("--conversion", action="store_true",
+                   help="the SD 1.5 UNet conversion demo instead")
+    p.add_argument("--out-dir", default="outputs")
     args = parser.parse_args(argv)
     if args.command == "convert":
         try:
@@ -133,9 +177,11 @@ def main(argv=None) -> int:
     if args.command == "sample":
         return _sample(args)
     if args.command == "demo":
+        if args.conversion:
+            from jaxdiff.demo_conversion import main as demo
+            return demo(Path(args.out_dir) / "demo")
         from jaxdiff.demo import main as demo
-
-        return demo()
+        return demo(args.out_dir)
     return 1
 
 

@@ -46,7 +46,7 @@ def test_committed_model_draws_recognisable_digits(pipe):
 
 
 def test_no_recompile_when_labels_seed_guidance_change(pipe):
-    pipe(labels=[1, 2, 3], num_inference_steps=4, solver="ddim", guidance_scale=1.0, seed=0)
+    pipe(labels=[1, 2, 3], num_inference_steps=4, solver="ddim", guidance_scale=2.0, seed=0)
     before = sequential._run._cache_size()
     out = pipe(labels=[7, 0, 9], num_inference_steps=4, solver="ddim", guidance_scale=3.0,
                seed=5)

@@ -69,8 +69,26 @@ class Solver:
         raise NotImplementedError(f"{type(self).__name__} is a multistep solver: its step depends "
                                   "on history, so it has no single-step Picard split")
 
+    def picard_variance(self):
+        """[num_steps] per-step noise variance that scales ParaDiGMS' tolerance: the error of
+        the latent entering step k is compared with tolerance^2 * picard_variance()[k]."""
+        raise NotImplementedError(f"{type(self).__name__} does not support ParaDiGMS")
+
     def __len__(self):
         return self.num_steps
+
+
+def vp_step_variance(a_t, a_prev):
+    """DDPM posterior variance of each step from abar_t, abar_prev [N]:
+    (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev), as diffusers' DDIM
+    ``_get_variance`` (it ignores eta: the tolerance scale of its parallel scheduler)."""
+    return (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+
+
+def ve_step_variance(sigmas):
+    """Ancestral (eta = 1) variance of each VE step from sigmas [N + 1]: sigma_up^2."""
+    s, s_next = sigmas[:-1], sigmas[1:]
+    return s_next ** 2 * (s ** 2 - s_next ** 2) / (s ** 2)
 
 
 # ----------------------------------------------------------------------------- conversions

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
-from jaxdiff.solvers.base import (Solver, at, check_prediction_type, choose, f32,
+from jaxdiff.solvers.base import (Solver, vp_step_variance, at, check_prediction_type, choose, f32,
                                   postprocess_x0, schedule_from, solver_dataclass,
                                   static_field, vp_eps, vp_x0)
 
@@ -64,6 +64,9 @@ class DDIM(Solver):
     def picard_terms(self, i, x, model_output):
         mean, std = self._mean_std(i, x, model_output)
         return mean - x, std if self.stochastic else jnp.zeros_like(std)
+
+    def picard_variance(self):
+        return vp_step_variance(jnp.square(self.sqrt_abar), jnp.square(self.sqrt_abar_prev))
 
 
 def build(cfg, num_inference_steps: int, eta: float = 0.0,

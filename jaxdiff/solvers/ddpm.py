@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
@@ -56,6 +57,10 @@ class DDPM(Solver):
     def picard_terms(self, i, x, model_output):
         mean, std = self._mean_std(i, x, model_output)
         return mean - x, std
+
+    def picard_variance(self):
+        # diffusers' DDPM _get_variance: the step's variance, clamped at 1e-20 (also at t = 0)
+        return jnp.maximum(jnp.square(self.std), 1e-20)
 
 
 def build(cfg, num_inference_steps: int) -> DDPM:

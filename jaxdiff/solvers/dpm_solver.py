@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
-from jaxdiff.solvers.base import (Solver, at, check_prediction_type, choose, f32,
+from jaxdiff.solvers.base import (vp_step_variance, Solver, at, check_prediction_type, choose, f32,
                                   postprocess_x0, push, require_default, schedule_from,
                                   solver_dataclass, static_field, vp_x0)
 
@@ -70,8 +70,7 @@ class DPMSolverPP(Solver):
                               dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
                               sample_max_value=self.sample_max_value)
 
-    def step(self, state, i, x, model_output, noise):
-        hist = push(state.history, self._x0(i, x, model_output))
+    def _update(self, i, x, hist):  # hist [order, ...] data predictions, newest (step i) last
         a, b0, b1, b2, c = (at(self.coef, i)[k] for k in range(5))
         m0 = hist[-1]
         x_next = a * x + b0 * m0
@@ -84,17 +83,42 @@ class DPMSolverPP(Solver):
                 x_next = x_next + b1 * d1 + b2 * (inv_r01 * (d10 - d11))
             else:
                 x_next = x_next + b1 * d10
+        return x_next, c
+
+    def step(self, state, i, x, model_output, noise):
+        hist = push(state.history, self._x0(i, x, model_output))
+        return self.picard_step(i, x, hist, noise), MultistepState(history=hist)
+
+    def picard_step(self, i, x, hist, noise):
+        """The step given the history of data predictions (newest: step i) -> x_{i+1}."""
+        x_next, c = self._update(i, x, hist)
         if self.stochastic:
             x_next = x_next + c * noise
-        return x_next.astype(x.dtype), MultistepState(history=hist)
+        return x_next.astype(x.dtype)
+
+    # ParaDiGMS: step i reads the data predictions of steps i-order+1 .. i (lower-order steps
+    # at the start have zero coefficients for the missing ones), so a Picard window evaluates
+    # every position's prediction in one batch and then applies the updates.
+    @property
+    def picard_history(self) -> int:
+        return self.order
+
+    def picard_prediction(self, i, x, model_output):
+        return self._x0(i, x, model_output)
+
+    def picard_multistep(self, i, x, hist):
+        x_next, c = self._update(i, x, hist)
+        return x_next - x, c if self.stochastic else c * 0
 
     def picard_terms(self, i, x, model_output):
         if self.order != 1:
-            raise NotImplementedError("DPM-Solver++ has a single-step Picard split only for "
-                                      "solver_order=1")
-        a, b0, c = at(self.coef, i)[0], at(self.coef, i)[1], at(self.coef, i)[4]
-        x_next = a * x + b0 * self._x0(i, x, model_output)
-        return x_next - x, c if self.stochastic else c * 0
+            raise NotImplementedError("DPM-Solver++ of order > 1 reads its history: use "
+                                      "picard_prediction / picard_multistep")
+        return self.picard_multistep(i, x, self._x0(i, x, model_output)[None])
+
+    def picard_variance(self):
+        abar = 1.0 / (1.0 + jnp.square(self.sigmas))
+        return vp_step_variance(abar[:-1], abar[1:])
 
 
 def vp_lambda(sigma):

@@ -8,12 +8,13 @@ sigma, and ``init_noise_sigma``.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
 from jaxdiff.solvers.base import (Solver, at, check_prediction_type, choose, f32,
                                   require_default, schedule_from, solver_dataclass,
-                                  static_field, ve_x0)
+                                  static_field, ve_step_variance, ve_x0)
 
 DIFFUSERS_CLASS = "EulerDiscreteScheduler"
 DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
@@ -77,6 +78,9 @@ class Euler(Solver):
 
     def step(self, state, i, x, model_output, noise):
         return (x + self._drift(i, x, model_output)).astype(x.dtype), state
+
+    def picard_variance(self):
+        return ve_step_variance(self.sigmas)
 
     def picard_terms(self, i, x, model_output):
         return self._drift(i, x, model_output), at(self.sigmas, i) * 0

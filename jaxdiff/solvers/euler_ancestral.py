@@ -4,10 +4,11 @@ then fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.solvers.base import (Solver, at, check_prediction_type, f32, solver_dataclass,
-                                  static_field, ve_x0)
+                                  static_field, ve_step_variance, ve_x0)
 from jaxdiff.solvers.euler import sigma_schedule
 
 DIFFUSERS_CLASS = "EulerAncestralDiscreteScheduler"
@@ -32,6 +33,9 @@ class EulerAncestral(Solver):
     def scale_model_input(self, x, i):
         s = at(self.sigmas, i)
         return (x / ((s * s + 1) ** 0.5)).astype(x.dtype)
+
+    def picard_variance(self):
+        return ve_step_variance(self.sigmas)
 
     def picard_terms(self, i, x, model_output):
         s = at(self.sigmas, i)

@@ -66,6 +66,9 @@ class DigitsPipeline:
     def model_fn(self, labels, guidance_scale=DEFAULT_GUIDANCE_SCALE):
         from jaxdiff.guidance import classifier_free
         labels = jnp.asarray(_check_labels(labels))
+        if guidance_scale is None or float(guidance_scale) == 1.0:
+            # Scale 1 is the conditional prediction: skip the unconditional half (2x faster).
+            return classifier_free(self.unet, class_tokens(labels), class_labels=labels)
         null = jnp.full_like(labels, NULL_LABEL)
         return classifier_free(self.unet, class_tokens(labels), class_tokens(null),
                                jnp.asarray(guidance_scale, jnp.float32),

@@ -1,0 +1,150 @@
+"""ParaDiGMS driver: exactness at parallel=1, convergence to the sequential trajectory,
+sharding over 8 fake devices, no recompilation, input checks, digits pipeline."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff
+from jaxdiff import solvers
+import sys
+
+import jaxdiff.sampling.paradigms  # noqa: F401
+para_mod = sys.modules["jaxdiff.sampling.paradigms"]
+from jaxdiff.zoo.digits.model import SCHEDULE
+
+SOLVERS = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 0.7}), ("euler", {}),
+           ("euler_a", {}), ("dpm++", {"solver_order": 1}), ("dpm++", {}),
+           ("dpm++", {"solver_order": 3}), ("dpm++", {"algorithm_type": "sde-dpmsolver++"})]
+IDS = [n + "".join(f"-{k}={v}" for k, v in kw.items()) for n, kw in SOLVERS]
+STEPS = 16
+
+
+_ABAR = np.asarray(__import__("jaxdiff.zoo.digits.model", fromlist=["x"]).alphas_cumprod(SCHEDULE))
+
+
+def model_fn(x, t):
+    """The exact epsilon of Gaussian data x0 ~ N(mu, c^2) under the digits schedule, with a
+    mild nonlinearity so that Picard iterations have something to converge."""
+    abar = jnp.interp(t, jnp.arange(len(_ABAR), dtype=jnp.float32), jnp.asarray(_ABAR))
+    abar = abar.reshape(-1, *([1] * (x.ndim - 1)))
+    a, s, c, mu = jnp.sqrt(abar), jnp.sqrt(1 - abar), 0.5, 0.2
+    eps = s * (x - a * mu) / (abar * c * c + s * s)
+    return eps + 0.05 * jnp.tanh(x)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    x_T = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
+    noise = jax.random.normal(jax.random.PRNGKey(1), (STEPS, 2, 4, 4, 3))
+    return x_T, noise
+
+
+def rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("name, kw", SOLVERS, ids=IDS)
+def test_parallel_one_is_sequential_sampling(name, kw, inputs):
+    x_T, noise = inputs
+    s = solvers.make(name, SCHEDULE, STEPS, **kw)
+    ref = jaxdiff.sample(model_fn, s, x_T, noise=noise)
+    x, st = jaxdiff.paradigms(model_fn, s, x_T, parallel=1, tolerance=0.1, noise=noise)
+    # Same operations in the same order; only XLA's fusion of the (window-vmapped) model call
+    # may differ, by float32 rounding.
+    assert rel(x, ref) <= 1e-6
+    assert st.iterations == STEPS and st.model_evaluations == STEPS
+    np.testing.assert_array_equal(st.begins, np.arange(STEPS))
+
+
+@pytest.mark.parametrize("name, kw", SOLVERS, ids=IDS)
+def test_converges_to_sequential_with_fewer_iterations(name, kw, inputs):
+    x_T, noise = inputs
+    s = solvers.make(name, SCHEDULE, STEPS, **kw)
+    ref = jaxdiff.sample(model_fn, s, x_T, noise=noise)
+    tight, st = jaxdiff.paradigms(model_fn, s, x_T, parallel=8, tolerance=1e-4, noise=noise)
+    assert rel(tight, ref) < 1e-4
+    loose, st_loose = jaxdiff.paradigms(model_fn, s, x_T, parallel=8, tolerance=0.2,
+                                        noise=noise)
+    assert st_loose.iterations < STEPS, "a loose tolerance must save iterations"
+    assert st_loose.iterations <= st.iterations <= STEPS
+    assert rel(loose, ref) < 0.1
+    # stats: windows start at 0 and only move forward; errors <= 1 before the new start
+    assert st_loose.begins[0] == 0 and np.all(np.diff(st_loose.begins) >= 1)
+    assert st_loose.errors.shape == (st_loose.iterations, 8)
+    assert st_loose.model_evaluations >= STEPS
+
+
+def test_key_and_noise_agree(inputs):
+    x_T, _ = inputs
+    s = solvers.make("ddpm", SCHEDULE, STEPS)
+    key = jax.random.PRNGKey(5)
+    noise = jax.random.normal(key, (STEPS,) + x_T.shape)
+    a, _ = jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.1, key=key)
+    b, _ = jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.1, noise=noise)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_window_longer_than_trajectory(inputs):
+    x_T, noise = inputs
+    s = solvers.make("ddim", SCHEDULE, 5)
+    ref = jaxdiff.sample(model_fn, s, x_T)
+    x, st = jaxdiff.paradigms(model_fn, s, x_T, parallel=100, tolerance=1e-5)
+    assert st.parallel == 5 and st.iterations <= 5
+    assert rel(x, ref) < 1e-5
+
+
+def test_no_recompile_for_new_tolerance_noise_latents(inputs):
+    x_T, noise = inputs
+    s = solvers.make("ddpm", SCHEDULE, STEPS)
+    jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.1, noise=noise)
+    before = para_mod._run._cache_size()
+    jaxdiff.paradigms(model_fn, s, x_T + 1, parallel=4, tolerance=0.01, noise=noise * 2)
+    assert para_mod._run._cache_size() == before
+
+
+@pytest.mark.parametrize("parallel", [8, 12, 3])
+def test_sharded_over_8_devices_equals_single_device(parallel, inputs):
+    assert jax.device_count() >= 8
+    x_T, noise = inputs
+    mesh = jaxdiff.parallel.make_mesh(jax.devices()[:8])
+    for name, kw in [("ddpm", {}), ("dpm++", {})]:
+        s = solvers.make(name, SCHEDULE, STEPS, **kw)
+        a, sa = jaxdiff.paradigms(model_fn, s, x_T, parallel=parallel, tolerance=0.05,
+                                  noise=noise)
+        b, sb = jaxdiff.paradigms(model_fn, s, x_T, parallel=parallel, tolerance=0.05,
+                                  noise=noise, mesh=mesh)
+        assert sa.iterations == sb.iterations
+        np.testing.assert_array_equal(sa.begins, sb.begins)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
+        assert len(b.sharding.device_set) == 8
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(parallel=0), "parallel"), (dict(parallel=2.5), "parallel"),
+    (dict(tolerance=0.0), "tolerance"), (dict(tolerance=float("nan")), "tolerance"),
+    (dict(noise=np.zeros((3, 2, 4, 4, 3), np.float32)), "noise must have shape"),
+    (dict(mesh="cpu"), "Mesh"),
+])
+def test_bad_inputs_raise(kwargs, match, inputs):
+    x_T, _ = inputs
+    s = solvers.make("ddim", SCHEDULE, STEPS)
+    kw = dict(parallel=4, tolerance=0.1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        jaxdiff.paradigms(model_fn, s, x_T, **kw)
+
+
+@pytest.mark.parametrize("name", ["pndm", "heun", "unipc", "lms"])
+def test_unsupported_solvers_are_named(name, inputs):
+    x_T, _ = inputs
+    s = solvers.make(name, SCHEDULE, STEPS)
+    with pytest.raises(ValueError, match="no Picard split"):
+        jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.1)
+
+
+def test_stochastic_solver_needs_randomness(inputs):
+    x_T, _ = inputs
+    with pytest.raises(ValueError, match="stochastic"):
+        jaxdiff.paradigms(model_fn, solvers.make("ddpm", SCHEDULE, STEPS), x_T, parallel=4,
+                          tolerance=0.1)
