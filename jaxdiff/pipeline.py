@@ -46,6 +46,7 @@ class StableDiffusionPipeline:
 
     def __post_init__(self):
         self._jitted = {}
+        self.last_stats = None     # ParaDiGMS stats of the last sampler="paradigms" call
 
     # ----------------------------------------------------------------- properties
     @property
@@ -141,14 +142,18 @@ class StableDiffusionPipeline:
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  num_images_per_prompt: int = 1, seed=0, latents=None, noise=None,
                  solver=None, prompt_embeds=None, negative_prompt_embeds=None,
-                 output_type: str = "np", progress: bool = False):
+                 output_type: str = "np", progress: bool = False, sampler: str = "sequential",
+                 parallel: int = 16, tolerance: float = 0.1, mesh=None):
         """Generate images. ``seed``: an int (image j uses seed + j) or one int per image.
-        ``latents``: standard-normal x_T [N, h, w, C] (NHWC) instead of seeds."""
+        ``latents``: standard-normal x_T [N, h, w, C] (NHWC) instead of seeds.
+        ``sampler``: "sequential" (``jaxdiff.sample``) or "paradigms" (``jaxdiff.paradigms``
+        with ``parallel``, ``tolerance`` and optionally a device ``mesh``; its stats are left
+        in ``self.last_stats``)."""
         from jaxdiff.guidance import classifier_free
-        from jaxdiff.sampling import sample
 
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_sampler(sampler)
         f = self.vae_scale_factor
         default = (self.unet.config.sample_size or 64) * f
         height = default if height is None else int(height)
@@ -194,7 +199,9 @@ class StableDiffusionPipeline:
         model_fn = classifier_free(self.unet, cond, uncond, guidance_scale if do_cfg else 1.0,
                                    guidance_rescale=guidance_rescale)
         with self._precision():
-            x0 = sample(model_fn, solver, latents, noise=noise, progress=progress)
+            x0, self.last_stats = run_sampler(sampler, model_fn, solver, latents, noise=noise,
+                                              progress=progress, parallel=parallel,
+                                              tolerance=tolerance, mesh=mesh)
         if output_type == "latent":
             return x0
         images = self.decode_latents(x0)
@@ -264,6 +271,27 @@ def to_pil(images):
 
     arr = np.asarray(np.clip(np.asarray(images, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+SAMPLERS = ("sequential", "paradigms")
+
+
+def check_sampler(sampler):
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
+def run_sampler(sampler, model_fn, solver, x_T, *, noise=None, key=None, progress=False,
+                parallel=16, tolerance=0.1, mesh=None):
+    """-> (x_0, stats or None): the driver a pipeline's ``sampler=`` option names."""
+    from jaxdiff.sampling import paradigms, sample
+
+    check_sampler(sampler)
+    rand = {"noise": noise} if noise is not None else {"key": key}
+    if sampler == "paradigms":
+        return paradigms(model_fn, solver, x_T, parallel=parallel, tolerance=tolerance,
+                         mesh=mesh, progress=progress, **rand)
+    return sample(model_fn, solver, x_T, progress=progress, **rand), None
 
 
 def image_grid(images, rows: int, cols: int):

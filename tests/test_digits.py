@@ -71,3 +71,19 @@ def test_classifier_and_fd_floor():
     assert metrics.accuracy(data.to_unit(te.images), te.labels) >= 0.97
     floor = metrics.fd_floor(100)
     assert 0 <= metrics.fd_floor() < floor
+
+
+def test_paradigms_sampler_matches_sequential_with_guidance(pipe):
+    """ParaDiGMS from the digits pipeline (CFG batched in the window, batch 3): at a tight
+    tolerance the digits equal the sequential ones; at the default it saves iterations."""
+    kw = dict(labels=[3, 8, 1], num_inference_steps=30, solver="ddpm", guidance_scale=2.0,
+              seed=4)
+    ref = pipe(**kw)
+    assert pipe.last_stats is None
+    tight = pipe(sampler="paradigms", parallel=10, tolerance=1e-3, **kw)
+    assert pipe.last_stats.iterations <= 30
+    np.testing.assert_allclose(tight, ref, atol=2e-3)
+    pipe(sampler="paradigms", parallel=10, tolerance=0.1, **kw)
+    assert pipe.last_stats.iterations < 30
+    with pytest.raises(ValueError, match="sampler"):
+        pipe(sampler="picard", **kw)

@@ -62,6 +62,7 @@ class DigitsPipeline:
 
     unet: Any
     schedule: dict
+    last_stats: Any = None
 
     def model_fn(self, labels, guidance_scale=DEFAULT_GUIDANCE_SCALE):
         from jaxdiff.guidance import classifier_free
@@ -87,13 +88,18 @@ class DigitsPipeline:
     def __call__(self, labels: Sequence[int], num_inference_steps: int = 50,
                  solver: Union[str, Any] = "ddim",
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0, *,
-                 noise: Optional[jax.Array] = None, progress: bool = False) -> np.ndarray:
+                 noise: Optional[jax.Array] = None, progress: bool = False,
+                 sampler: str = "sequential", parallel: int = 16, tolerance: float = 0.1,
+                 mesh=None) -> np.ndarray:
         """-> float32 images [N, 16, 16, 1] in [0, 1], one per label.
 
         A Solver object overrides ``num_inference_steps`` (it carries its own step count).
-        ``seed`` draws x_T and, for stochastic solvers, the per-step noise.
+        ``seed`` draws x_T and, for stochastic solvers, the per-step noise (the same draws
+        for either sampler). ``sampler="paradigms"``: Picard windows of ``parallel`` steps at
+        ``tolerance`` (optionally over a device ``mesh``); stats in ``self.last_stats``.
         """
-        import jaxdiff
+        from jaxdiff.pipeline import check_sampler, run_sampler
+        check_sampler(sampler)
         labels = _check_labels(labels)
         steps = _check_steps(num_inference_steps)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -105,8 +111,11 @@ class DigitsPipeline:
         model_fn = self.model_fn(labels, gs)
         k_x, k_step = jax.random.split(jax.random.PRNGKey(int(seed)))
         x_T = jax.random.normal(k_x, (len(labels), *IMAGE_SHAPE), jnp.float32)
-        kw = {"noise": noise} if noise is not None else {"key": k_step}
-        x0 = jaxdiff.sample(model_fn, sol, x_T, progress=progress, **kw)
+        if noise is None and getattr(sol, "stochastic", False):
+            noise = jax.random.normal(k_step, (sol.num_steps,) + x_T.shape, jnp.float32)
+        x0, self.last_stats = run_sampler(sampler, model_fn, sol, x_T, noise=noise,
+                                          key=None, progress=progress, parallel=parallel,
+                                          tolerance=tolerance, mesh=mesh)
         return np.clip((np.asarray(x0, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
