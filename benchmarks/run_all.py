@@ -6,6 +6,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import digits_quality  # noqa: E402
+import paradigms_diffusers  # noqa: E402
+import paradigms_digits  # noqa: E402
 import sampling  # noqa: E402
 import unet_forward  # noqa: E402
 
@@ -14,6 +16,9 @@ def main():
     unet_forward.main([])
     sampling.main([])
     digits_quality.main([])
+    paradigms_diffusers.main([])
+    # the full grid (45 runs, hours on 2 CPU cores): paradigms_digits.main([])
+    paradigms_digits.main(["--grid", "quick", "--per-class", "5"])
 
 
 if __name__ == "__main__":
