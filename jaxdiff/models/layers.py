@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# 3x3 convs on feature maps of at most this many pixels run as one im2col matmul on CPU
+IM2COL_MAX_PIXELS = 256
+
 
 _STATE = threading.local()
 
@@ -96,7 +99,7 @@ class Conv2d(nnx.Module):
         x = x.astype(kernel.dtype)
         if kh == 1 and self.stride == 1 and self.padding == 0:
             y = jnp.dot(x, kernel[0, 0])  # a 1x1 conv is a matmul; XLA:CPU runs it faster
-        elif (self.stride == 1 and 2 * self.padding == kh - 1 and x.shape[1] * x.shape[2] <= 256
+        elif (self.stride == 1 and 2 * self.padding == kh - 1 and x.shape[1] * x.shape[2] <= IM2COL_MAX_PIXELS
               and jax.default_backend() == "cpu"):
             y = _im2col_conv(x, kernel, self.padding)
         else:
