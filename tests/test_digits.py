@@ -87,3 +87,18 @@ def test_paradigms_sampler_matches_sequential_with_guidance(pipe):
     assert pipe.last_stats.iterations < 30
     with pytest.raises(ValueError, match="sampler"):
         pipe(sampler="picard", **kw)
+
+
+def test_cli_sample_digits(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "d.png"
+    r = subprocess.run([sys.executable, "-m", "jaxdiff.cli", "sample", "--model", "digits",
+                        "--labels", "3,1,4", "--steps", "5", "--solver", "dpm++", "--out",
+                        str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and "classifier accuracy" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "jaxdiff.cli", "sample", "--model", "digits",
+                        "--labels", "3,12"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "0-9" in r.stderr
