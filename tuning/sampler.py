@@ -1,0 +1,155 @@
+"""DDIM with tuned timesteps: the time grid, one step, and the whole loop as one lax.scan.
+
+TimeTuner's observation is that a sampler's intermediate x_t does not carry exactly the
+noise level of its nominal time t_i (the earlier steps' truncation errors shift it), so the
+network should be asked at a corrected time r_i * t_i. Only the network's input time
+changes: the DDIM update keeps the coefficients alpha/sigma of t_i and t_{i+1}. Everything
+here is differentiable in the ratios r, which is what ``optimize_timesteps`` (and users who
+tune end to end) differentiate.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import numbers
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.sampling.sequential import _combine, _partition
+from tuning.schedule import NoiseScheduleVP
+
+GRIDS = ("reference", "uniform")
+
+# How often each jitted function has been traced, for "does not recompile" tests.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def _check_num_steps(num_steps, total_n: int) -> int:
+    if (isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral)
+            or not 1 <= int(num_steps) <= total_n):
+        raise ValueError(f"num_steps must be an integer in [1, {total_n}], got {num_steps!r}")
+    return int(num_steps)
+
+
+def time_grid(noise_schedule: NoiseScheduleVP, num_steps: Optional[int] = None,
+              timesteps=None, grid: str = "reference"):
+    """-> (t [K], t_next [K]) as float64 numpy: step i goes from t[i] to t_next[i].
+
+    ``grid='reference'`` is the grid of TimeTuner's DDIM: K training steps
+    n_i = (K - 1 - i) * (N // K) + 1 (DDIM's "leading" spacing with offset 1), placed at
+    their training times t = (n + 1) / N, and a final step to t = 1 / N (= eps). For
+    continuous schedules the same grid is used with N = 1000. ``grid='uniform'``:
+    K + 1 times evenly spaced from T down to eps (DPM-Solver's 'time_uniform').
+
+    ``timesteps`` [K] overrides both: decreasing times in the network's own units (what
+    ``model_wrapper`` passes to the network: 0..999 for 1000-step discrete models,
+    continuous t otherwise), followed by the final step to eps.
+    """
+    ns = noise_schedule
+    n_total = ns.total_N
+    if timesteps is not None:
+        ts = np.asarray(timesteps, np.float64)
+        if ts.ndim != 1 or ts.shape[0] < 1:
+            raise ValueError(f"timesteps must be a non-empty 1-D array, got shape {ts.shape}")
+        if num_steps is not None and int(num_steps) != ts.shape[0]:
+            raise ValueError(f"num_steps={num_steps} disagrees with len(timesteps)="
+                             f"{ts.shape[0]}")
+        # inverse of model_input_time
+        t = ts / 1000.0 + 1.0 / n_total if ns.schedule == "discrete" else ts
+        t_next = np.concatenate([t[1:], [ns.eps]])
+    elif grid == "reference":
+        if num_steps is None:
+            raise ValueError("pass num_steps or timesteps")
+        k = _check_num_steps(num_steps, n_total)
+        n = np.arange(k)[::-1] * (n_total // k) + 1
+        t = (n + 1.0) / n_total
+        t_next = np.concatenate([t[1:], [ns.eps]])
+    elif grid == "uniform":
+        if num_steps is None:
+            raise ValueError("pass num_steps or timesteps")
+        k = _check_num_steps(num_steps, n_total)
+        ts = np.linspace(ns.T, ns.eps, k + 1)
+        t, t_next = ts[:-1], ts[1:]
+    else:
+        raise ValueError(f"unsupported grid {grid!r}; choose one of {list(GRIDS)}")
+    if not np.all(np.isfinite(t)) or np.any(t_next >= t):
+        raise ValueError(f"timesteps must be finite and strictly decreasing to eps="
+                         f"{ns.eps}; got times {t.tolist()}")
+    return t, t_next
+
+
+def predict_noise(model_fn, x, t, condition=None, uncond_condition=None):
+    """model_fn at the scalar (or [B]) continuous time t for the batch x [B, ...]. The
+    conditions are passed only when given, so plain ``fn(x, t)`` models work too."""
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    if condition is None and uncond_condition is None:
+        return model_fn(x, t)
+    return model_fn(x, t, condition, uncond_condition)
+
+
+def ddim_update(noise_schedule: NoiseScheduleVP, x, eps, t, s, eta=0.0, noise=None):
+    """The DDIM move from time t to s < t given predicted noise eps -> (x_s, x0_pred).
+
+    ``noise`` None is the deterministic (eta = 0) update; otherwise the DDIM variance
+    eta^2 * sigma_s^2 / sigma_t^2 * (1 - alpha_t^2 / alpha_s^2) of fresh noise is added.
+    """
+    ns = noise_schedule
+    a_t, a_s = ns.marginal_alpha(t), ns.marginal_alpha(s)
+    sig_t, sig_s = ns.marginal_std(t), ns.marginal_std(s)
+    x0_pred = (x - sig_t * eps) / a_t
+    if noise is None:
+        return a_s * x0_pred + sig_s * eps, x0_pred
+    std = eta * (sig_s / sig_t) * jnp.sqrt(1.0 - jnp.square(a_t / a_s))
+    direction = jnp.sqrt(jnp.square(sig_s) - jnp.square(std))
+    return a_s * x0_pred + direction * eps + std * noise, x0_pred
+
+
+def ddim_step(model_fn, noise_schedule, x, t, s, ratio=1.0, eta=0.0, noise=None,
+              condition=None, uncond_condition=None):
+    """One TimeTuner DDIM step: the network at ratio * t, the update with t's and s's
+    coefficients. -> (x_s, x0_pred)."""
+    eps = predict_noise(model_fn, x, ratio * t, condition, uncond_condition)
+    return ddim_update(noise_schedule, x, eps, t, s, eta, noise)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "stochastic", "intermediates"))
+def _ddim_loop(dynamic, x, t_cur, t_next, ratios, eta, keys, *, spec, stochastic,
+               intermediates):
+    TRACE_COUNTS["ddim_sample"] += 1
+    model_fn, ns, cond, uncond = _combine(dynamic, spec)
+
+    def body(x, inputs):  # x [B, ...]
+        t, s, r, k = inputs
+        noise = jax.random.normal(k, x.shape, x.dtype) if stochastic else None
+        x_new, x0 = ddim_step(model_fn, ns, x, t, s, r, eta, noise, cond, uncond)
+        x_new = x_new.astype(x.dtype)
+        return x_new, ((x_new, x0.astype(x.dtype)) if intermediates else None)
+
+    x_out, traj = jax.lax.scan(body, x, (t_cur, t_next, ratios, keys))
+    return x_out, traj
+
+
+def ddim_loop(model_fn, noise_schedule, x, t_cur, t_next, ratios, eta=0.0, key=None,
+              condition=None, uncond_condition=None, intermediates=False):
+    """Run all steps under jax.jit. x [B, ...]; t_cur, t_next, ratios [K].
+
+    The model function, the schedule and the conditions are split into traced arrays and
+    a static rest (like ``jaxdiff.sample``), so new weights, conditions, ratios or times
+    reuse the compiled program; eta is traced too. -> (x_0, (x_t [K, B, ...],
+    x0_pred [K, B, ...]) or None).
+    """
+    stochastic = key is not None
+    if not stochastic and not (isinstance(eta, numbers.Real) and float(eta) == 0.0):
+        raise ValueError("eta > 0 draws noise: pass key=")
+    if isinstance(eta, numbers.Real) and not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    k = t_cur.shape[0]
+    keys = jax.random.split(key, k) if stochastic else jnp.zeros((k,), jnp.float32)
+    dynamic, spec = _partition((model_fn, noise_schedule, condition, uncond_condition))
+    return _ddim_loop(dynamic, x, t_cur, t_next, ratios, jnp.asarray(eta, t_cur.dtype),
+                      keys, spec=spec, stochastic=stochastic,
+                      intermediates=bool(intermediates))
