@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +95,6 @@ def _check_solver(solver):
     except NotImplementedError:
         raise ValueError(f"ParaDiGMS supports DDPM, DDIM, Euler, Euler ancestral and "
                          f"DPM-Solver++; {type(solver).__name__} has no Picard split") from None
-    return multistep
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "window", "parallel", "mode", "mesh",
@@ -214,7 +213,7 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     ``progress``: True for a tqdm bar of accepted steps, or a host callable
     ``f(begin, new_begin, num_steps)`` called after every iteration.
     """
-    multistep = _check_solver(solver)
+    _check_solver(solver)
     if not callable(model_fn):
         raise ValueError(f"model_fn must be callable, got {type(model_fn).__name__}")
     if not hasattr(x_T, "shape") or not hasattr(x_T, "dtype"):
@@ -251,7 +250,6 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     dynamic, spec = _partition((model_fn, solver))
     if mesh is not None:
         dynamic, x_T, rand = par.replicate((dynamic, x_T, rand), mesh)
-    del multistep
     x0, (it, evals, begins, errors) = _run(dynamic, x_T, rand, jnp.float32(tol), spec=spec,
                                            window=window, parallel=p, mode=mode, mesh=mesh,
                                            progress=progress)
