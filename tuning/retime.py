@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.sampling.sequential import _combine, _partition
+from jaxdiff.sampling.pytree import combine, partition
 from tuning.schedule import NoiseScheduleVP
 from tuning.wrapper import model_input_time
 
@@ -40,13 +40,13 @@ class RetimedModelFn:
 
 
 def _flatten(m: RetimedModelFn):
-    dyn, spec = _partition(m.model_fn)
+    dyn, spec = partition(m.model_fn)
     return (dyn, m.timesteps, m.tuned), spec
 
 
 def _unflatten(spec, children):
     dyn, timesteps, tuned = children
-    return RetimedModelFn(_combine(dyn, spec), timesteps, tuned)
+    return RetimedModelFn(combine(dyn, spec), timesteps, tuned)
 
 
 jax.tree_util.register_pytree_node(RetimedModelFn, _flatten, _unflatten)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.sampling.sequential import _combine, _partition
+from jaxdiff.sampling.pytree import combine, partition
 from tuning.schedule import NoiseScheduleVP
 
 GRIDS = ("reference", "uniform")
@@ -120,7 +120,7 @@ def ddim_step(model_fn, noise_schedule, x, t, s, ratio=1.0, eta=0.0, noise=None,
 def _ddim_loop(dynamic, x, t_cur, t_next, ratios, eta, keys, *, spec, stochastic,
                intermediates):
     TRACE_COUNTS["ddim_sample"] += 1
-    model_fn, ns, cond, uncond = _combine(dynamic, spec)
+    model_fn, ns, cond, uncond = combine(dynamic, spec)
 
     def body(x, inputs):  # x [B, ...]
         t, s, r, k = inputs
@@ -149,7 +149,7 @@ def ddim_loop(model_fn, noise_schedule, x, t_cur, t_next, ratios, eta=0.0, key=N
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     k = t_cur.shape[0]
     keys = jax.random.split(key, k) if stochastic else jnp.zeros((k,), jnp.float32)
-    dynamic, spec = _partition((model_fn, noise_schedule, condition, uncond_condition))
+    dynamic, spec = partition((model_fn, noise_schedule, condition, uncond_condition))
     return _ddim_loop(dynamic, x, t_cur, t_next, ratios, jnp.asarray(eta, t_cur.dtype),
                       keys, spec=spec, stochastic=stochastic,
                       intermediates=bool(intermediates))

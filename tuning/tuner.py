@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff.sampling.sequential import _combine, _partition
+from jaxdiff.sampling.pytree import combine, partition
 from tuning.checkpoint import RunCheckpoints
 from tuning.sampler import TRACE_COUNTS, ddim_loop, ddim_step, predict_noise, time_grid
 from tuning.schedule import NoiseScheduleVP
@@ -106,7 +106,7 @@ def _sequential_update(dynamic, x0, cond, idx, it, ratio, opt_state, ratios, t_c
                        lr, key, *, spec):
     """One Adam step on ratio ``idx`` (a traced int32: one program for every index)."""
     TRACE_COUNTS["sequential"] += 1
-    model_fn, ns, uncond = _combine(dynamic, spec)
+    model_fn, ns, uncond = combine(dynamic, spec)
     return _one_update(model_fn, ns, x0, cond, uncond, idx, it, ratio, opt_state, ratios,
                        t_cur, t_next, lr, key, sequential=True)
 
@@ -116,7 +116,7 @@ def _parallel_update(dynamic, x0, cond, it, ratios_m, opt_states, ratios, t_cur,
                      lr, key, *, spec):
     """One Adam step on every tuned ratio at once. ratios_m [M], opt_states stacked [M]."""
     TRACE_COUNTS["parallel"] += 1
-    model_fn, ns, uncond = _combine(dynamic, spec)
+    model_fn, ns, uncond = combine(dynamic, spec)
     m = ratios_m.shape[0]
 
     def one(idx, ratio, opt_state):
@@ -384,7 +384,7 @@ class TimeTuner:
                               f"{ckpt.directory}")
             last_saved = resumed_from
             uncond = uncond_condition
-            dynamic, spec = _partition((self._model, ns, uncond))
+            dynamic, spec = partition((self._model, ns, uncond))
             batches = None
             for g in range(start, total):
                 idx, it = divmod(g, total_iters) if sequential else (None, g)

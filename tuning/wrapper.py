@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.sampling.sequential import _combine, _partition
+from jaxdiff.sampling.pytree import combine, partition
 from tuning.schedule import NoiseScheduleVP
 
 MODEL_TYPES = ("noise", "x_start", "v", "score")
@@ -156,7 +156,7 @@ class NoiseModel:
 
 
 def _flatten(nm: NoiseModel):
-    parts = [_partition(getattr(nm, f)) for f in _CALLABLE_FIELDS]
+    parts = [partition(getattr(nm, f)) for f in _CALLABLE_FIELDS]
     children = tuple(getattr(nm, f) for f in _DATA_FIELDS) + tuple(p[0] for p in parts)
     aux = tuple(p[1] for p in parts) + (nm.model_type, nm.guidance_type)
     return children, aux
@@ -166,7 +166,7 @@ def _unflatten(aux, children):
     n = len(_DATA_FIELDS)
     fields = dict(zip(_DATA_FIELDS, children[:n]))
     for name, dyn, spec in zip(_CALLABLE_FIELDS, children[n:], aux):
-        fields[name] = _combine(dyn, spec)
+        fields[name] = combine(dyn, spec)
     return NoiseModel(**fields, model_type=aux[-2], guidance_type=aux[-1])
 
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel as par
-from jaxdiff.sampling.sequential import _combine, _partition
+from jaxdiff.sampling.pytree import combine, partition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _check_solver(solver):
 @functools.partial(jax.jit, static_argnames=("spec", "window", "parallel", "mode", "mesh",
                                              "progress"))
 def _run(dynamic, x_T, rand, tolerance, *, spec, window, parallel, mode, mesh, progress):
-    model_fn, solver = _combine(dynamic, spec)
+    model_fn, solver = combine(dynamic, spec)
     n, W, p = solver.num_steps, window, parallel
     dtype = x_T.dtype
     per_sample = math.prod(x_T.shape[1:])
@@ -121,8 +121,8 @@ def _run(dynamic, x_T, rand, tolerance, *, spec, window, parallel, mode, mesh, p
     timesteps = jnp.asarray(solver.timesteps, jnp.float32)
     tol2 = jnp.square(jnp.asarray(tolerance, jnp.float32))
     # only the model function's array leaves cross the shard_map boundary
-    m_dynamic, m_spec = _partition(model_fn)
-    evaluate = par.window_evaluator(lambda leaves, x, t: _combine(leaves, m_spec)(x, t), mesh)
+    m_dynamic, m_spec = partition(model_fn)
+    evaluate = par.window_evaluator(lambda leaves, x, t: combine(leaves, m_spec)(x, t), mesh)
     pos = jnp.arange(W, dtype=jnp.int32)
 
     def bcast(v, like):  # [W] -> [W, 1, ...]
@@ -247,7 +247,7 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
         progress = None
     elif not callable(progress):
         raise ValueError(f"progress must be a bool or a callable, got {progress!r}")
-    dynamic, spec = _partition((model_fn, solver))
+    dynamic, spec = partition((model_fn, solver))
     if mesh is not None:
         dynamic, x_T, rand = par.replicate((dynamic, x_T, rand), mesh)
     x0, (it, evals, begins, errors) = _run(dynamic, x_T, rand, jnp.float32(tol), spec=spec,

@@ -23,46 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-class _ByIdentity:
-    """Static leaf that is not hashable: compare by identity."""
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __hash__(self):
-        return id(self.obj)
-
-    def __eq__(self, other):
-        return isinstance(other, _ByIdentity) and other.obj is self.obj
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def _partition(tree):
-    """-> (array leaves, hashable static description of everything else)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    dynamic = [leaf if _is_array(leaf) else None for leaf in leaves]
-    static = []
-    for leaf in leaves:
-        if _is_array(leaf):
-            static.append(None)
-            continue
-        try:
-            hash(leaf)
-        except TypeError:
-            leaf = _ByIdentity(leaf)
-        static.append((leaf,))
-    return dynamic, (treedef, tuple(static))
-
-
-def _combine(dynamic, spec):
-    treedef, static = spec
-    leaves = [d if s is None else (s[0].obj if isinstance(s[0], _ByIdentity) else s[0])
-              for d, s in zip(dynamic, static)]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+from jaxdiff.sampling.pytree import combine, partition
 
 
 class _Bar:
@@ -90,7 +51,7 @@ def _tqdm_progress(i, n):
 
 @functools.partial(jax.jit, static_argnames=("spec", "mode", "progress", "trajectory"))
 def _run(dynamic, x_T, rand, *, spec, mode, progress, trajectory):
-    model_fn, solver = _combine(dynamic, spec)
+    model_fn, solver = combine(dynamic, spec)
     n = solver.num_steps
     dtype = x_T.dtype
     x = (x_T * solver.init_noise_sigma).astype(dtype)
@@ -169,6 +130,6 @@ def sample(model_fn: Callable, solver, x_T, *, key: Optional[jax.Array] = None,
         progress = None
     elif not callable(progress):
         raise ValueError(f"progress must be a bool or a callable, got {progress!r}")
-    dynamic, spec = _partition((model_fn, solver))
+    dynamic, spec = partition((model_fn, solver))
     return _run(dynamic, x_T, rand, spec=spec, mode=mode, progress=progress,
                 trajectory=bool(return_trajectory))
