@@ -143,12 +143,15 @@ class StableDiffusionPipeline:
                  num_images_per_prompt: int = 1, seed=0, latents=None, noise=None,
                  solver=None, prompt_embeds=None, negative_prompt_embeds=None,
                  output_type: str = "np", progress: bool = False, sampler: str = "sequential",
-                 parallel: int = 16, tolerance: float = 0.1, mesh=None):
+                 parallel: int = 16, tolerance: float = 0.1, mesh=None, ratios=None,
+                 sampler_options: Optional[dict] = None):
         """Generate images. ``seed``: an int (image j uses seed + j) or one int per image.
         ``latents``: standard-normal x_T [N, h, w, C] (NHWC) instead of seeds.
         ``sampler``: "sequential" (``jaxdiff.sample``) or "paradigms" (``jaxdiff.paradigms``
         with ``parallel``, ``tolerance`` and optionally a device ``mesh``; its stats are left
-        in ``self.last_stats``)."""
+        in ``self.last_stats``). ``sampler_options``: further keyword arguments of the driver
+        (e.g. ``chunk`` for ParaDiGMS). ``ratios``: TimeTuner ratios (array or ratios JSON
+        path) applied to the solver (``Solver.with_ratios``)."""
         from jaxdiff.guidance import classifier_free
 
         if output_type not in OUTPUT_TYPES:
@@ -191,6 +194,8 @@ class StableDiffusionPipeline:
                                  f"{tuple(latents.shape)}")
 
         solver = self.make_solver(solver, num_inference_steps)
+        if ratios is not None:
+            solver = solver.with_ratios(ratios)
         if noise is None:
             # per-image noise streams, so an image does not depend on its batch-mates
             keys = [jax.random.fold_in(jax.random.key(int(s)), 1) for s in seeds]
@@ -201,7 +206,8 @@ class StableDiffusionPipeline:
         with self._precision():
             x0, self.last_stats = run_sampler(sampler, model_fn, solver, latents, noise=noise,
                                               progress=progress, parallel=parallel,
-                                              tolerance=tolerance, mesh=mesh)
+                                              tolerance=tolerance, mesh=mesh,
+                                              options=sampler_options)
         if output_type == "latent":
             return x0
         images = self.decode_latents(x0)
@@ -282,15 +288,19 @@ def check_sampler(sampler):
 
 
 def run_sampler(sampler, model_fn, solver, x_T, *, noise=None, key=None, progress=False,
-                parallel=16, tolerance=0.1, mesh=None):
-    """-> (x_0, stats or None): the driver a pipeline's ``sampler=`` option names."""
+                parallel=16, tolerance=0.1, mesh=None, options: Optional[dict] = None):
+    """-> (x_0, stats or None): the driver a pipeline's ``sampler=`` option names;
+    ``options``: extra keyword arguments for that driver."""
     from jaxdiff.sampling import paradigms, sample
 
     check_sampler(sampler)
+    options = dict(options or {})
     rand = {"noise": noise} if noise is not None else {"key": key}
     if sampler == "paradigms":
         return paradigms(model_fn, solver, x_T, parallel=parallel, tolerance=tolerance,
-                         mesh=mesh, progress=progress, **rand)
+                         mesh=mesh, progress=progress, **rand, **options)
+    if options:
+        raise ValueError(f"the sequential sampler takes no options, got {sorted(options)}")
     return sample(model_fn, solver, x_T, progress=progress, **rand), None
 
 

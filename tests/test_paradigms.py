@@ -11,6 +11,7 @@ from jaxdiff import solvers
 import sys
 
 import jaxdiff.sampling.paradigms  # noqa: F401
+import jaxdiff.zoo.digits  # noqa: F401
 para_mod = sys.modules["jaxdiff.sampling.paradigms"]
 from jaxdiff.zoo.digits.model import SCHEDULE
 
@@ -148,3 +149,63 @@ def test_stochastic_solver_needs_randomness(inputs):
     with pytest.raises(ValueError, match="stochastic"):
         jaxdiff.paradigms(model_fn, solvers.make("ddpm", SCHEDULE, STEPS), x_T, parallel=4,
                           tolerance=0.1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_chunked_window_evaluation_equals_one_call(chunk, inputs):
+    x_T, noise = inputs
+    for name in ("ddpm", "dpm++"):
+        s = solvers.make(name, SCHEDULE, STEPS)
+        a, sa = jaxdiff.paradigms(model_fn, s, x_T, parallel=7, tolerance=0.05, noise=noise)
+        b, sb = jaxdiff.paradigms(model_fn, s, x_T, parallel=7, tolerance=0.05, noise=noise,
+                                  chunk=chunk)
+        assert (sa.iterations, sa.model_evaluations) == (sb.iterations, sb.model_evaluations)
+        np.testing.assert_array_equal(sa.begins, sb.begins)
+        assert rel(b, a) <= 1e-6
+
+
+@pytest.mark.parametrize("chunk", [0, 2.0, True])
+def test_bad_chunk_raises(chunk, inputs):
+    x_T, noise = inputs
+    with pytest.raises(ValueError, match="chunk"):
+        jaxdiff.paradigms(model_fn, solvers.make("ddim", SCHEDULE, STEPS), x_T, parallel=4,
+                          tolerance=0.1, chunk=chunk)
+
+
+@pytest.fixture(scope="module")
+def digits_pipe():
+    return jaxdiff.zoo.digits.load()
+
+
+@pytest.mark.parametrize("prompts, chunk", [(2, None), (4, 1)])
+def test_two_axis_mesh_windows_by_prompts_equals_single_device(prompts, chunk, digits_pipe):
+    """A ("data", "prompts") mesh: window split over data, batch (with its guidance
+    conditioning) split over prompts -> the single-device result and iterations."""
+    import jaxdiff.zoo.digits  # noqa: F401
+    labels = [3, 1, 4, 1]
+    model = digits_pipe.model_fn(labels, 2.0)
+    s = solvers.make("ddim", digits_pipe.schedule, 12)
+    x_T = jax.random.normal(jax.random.PRNGKey(3), (4, 16, 16, 1))
+    a, sa = jaxdiff.paradigms(model, s, x_T, parallel=6, tolerance=0.05)
+    mesh = jaxdiff.parallel.make_mesh(jax.devices()[:8], prompts=prompts)
+    assert mesh.axis_names == ("data", "prompts") and mesh.shape["prompts"] == prompts
+    b, sb = jaxdiff.paradigms(model, s, x_T, parallel=6, tolerance=0.05, mesh=mesh,
+                              chunk=chunk)
+    assert sa.iterations == sb.iterations and sa.iterations < 12
+    np.testing.assert_array_equal(sa.begins, sb.begins)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    assert len(b.sharding.device_set) == 8
+
+
+def test_two_axis_mesh_errors_name_the_problem(digits_pipe):
+    mesh = jaxdiff.parallel.make_mesh(jax.devices()[:8], prompts=4)
+    s = solvers.make("ddim", digits_pipe.schedule, 6)
+    x_T = jnp.zeros((3, 16, 16, 1))
+    with pytest.raises(ValueError, match="does not split over the mesh's 'prompts' axis"):
+        jaxdiff.paradigms(digits_pipe.model_fn([1, 2, 3]), s, x_T, parallel=4, tolerance=0.1,
+                          mesh=mesh)
+    with pytest.raises(ValueError, match="do not split into a prompts axis"):
+        jaxdiff.parallel.make_mesh(jax.devices()[:8], prompts=3)
+    bad = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.1, mesh=bad)

@@ -114,3 +114,20 @@ def test_cli_sample(pipes, tmp_path):
     r = subprocess.run([sys.executable, "-m", "jaxdiff.cli", "sample", str(folder), "the cat",
                         "--height", "31"], capture_output=True, text=True)
     assert r.returncode == 2 and "multiples of 2" in r.stderr
+
+
+def test_tuned_ratios_and_sampler_options(pipes):
+    """ratios= retimes the pipeline's solver (the same as passing the retimed solver);
+    sampler_options reach the driver and bad ones are named."""
+    _, pipe = pipes
+    kw = dict(num_inference_steps=4, output_type="latent", seed=[1], guidance_scale=3.0)
+    r = np.array([1.02, 0.97, 1.05, 0.99])
+    tuned = pipe(["the cat"], solver="ddim", ratios=r, **kw)
+    solver = pipe.make_solver("ddim", 4).with_ratios(r)
+    np.testing.assert_array_equal(tuned, pipe(["the cat"], solver=solver, **kw))
+    assert not np.allclose(tuned, pipe(["the cat"], solver="ddim", **kw))
+    chunked = pipe(["the cat"], solver=solver, sampler="paradigms", parallel=4,
+                   tolerance=1e-4, sampler_options={"chunk": 2}, **kw)
+    np.testing.assert_allclose(chunked, tuned, atol=1e-3)
+    with pytest.raises(ValueError, match="sequential sampler takes no options"):
+        pipe(["the cat"], solver="ddim", sampler_options={"chunk": 2}, **kw)

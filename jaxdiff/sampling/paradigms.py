@@ -98,8 +98,9 @@ def _check_solver(solver):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "window", "parallel", "mode", "mesh",
-                                             "progress"))
-def _run(dynamic, x_T, rand, tolerance, *, spec, window, parallel, mode, mesh, progress):
+                                             "progress", "chunk", "leaf_specs"))
+def _run(dynamic, x_T, rand, tolerance, *, spec, window, parallel, mode, mesh, progress, chunk,
+         leaf_specs):
     model_fn, solver = combine(dynamic, spec)
     n, W, p = solver.num_steps, window, parallel
     dtype = x_T.dtype
@@ -122,7 +123,8 @@ def _run(dynamic, x_T, rand, tolerance, *, spec, window, parallel, mode, mesh, p
     tol2 = jnp.square(jnp.asarray(tolerance, jnp.float32))
     # only the model function's array leaves cross the shard_map boundary
     m_dynamic, m_spec = partition(model_fn)
-    evaluate = par.window_evaluator(lambda leaves, x, t: combine(leaves, m_spec)(x, t), mesh)
+    evaluate = par.window_evaluator(lambda leaves, x, t: combine(leaves, m_spec)(x, t), mesh,
+                                    chunk=chunk, leaf_specs=leaf_specs)
     pos = jnp.arange(W, dtype=jnp.int32)
 
     def bcast(v, like):  # [W] -> [W, 1, ...]
@@ -199,7 +201,8 @@ def _run(dynamic, x_T, rand, tolerance, *, spec, window, parallel, mode, mesh, p
 
 def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: float,
               key: Optional[jax.Array] = None, noise: Optional[jax.Array] = None,
-              mesh=None, progress: Union[bool, Callable] = False):
+              mesh=None, progress: Union[bool, Callable] = False,
+              chunk: Optional[int] = None):
     """Sample with Picard iterations over a window of ``parallel`` steps -> (x_0, stats).
 
     Same conventions as ``jaxdiff.sample``: ``model_fn(x [N,...], t [N])`` is the raw network
@@ -209,7 +212,14 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     ``tolerance``: convergence threshold as a fraction of each step's noise std (the
     paper's default 0.1; smaller is closer to sequential, larger converges in fewer
     iterations). ``mesh``: a ``jax.sharding.Mesh`` with a ``"data"`` axis over which the
-    window is split (the window is padded to a multiple of its size).
+    window is split (the window is padded to a multiple of its size) and optionally a
+    ``"prompts"`` axis over which the batch is split (``jaxdiff.parallel.make_mesh(
+    prompts=k)``): a ``jaxdiff.guidance`` model function's conditioning is split with it
+    automatically; for another model function, lay out its per-sample arrays with
+    ``jaxdiff.parallel.shard_batch`` first. The result does not depend on the mesh.
+    ``chunk``: evaluate the window ``chunk`` positions per model call (``lax.map``) instead
+    of all at once; same result, faster on CPUs where a very large batch runs slower per
+    sample, and less memory.
     ``progress``: True for a tqdm bar of accepted steps, or a host callable
     ``f(begin, new_begin, num_steps)`` called after every iteration.
     """
@@ -238,8 +248,18 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     mode, rand = "none", None
     if stochastic:
         mode, rand = ("noise", jnp.asarray(noise)) if noise is not None else ("key", key)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer))
+                              or chunk < 1):
+        raise ValueError(f"chunk must be a positive int (window positions per model call) or "
+                         f"None, got {chunk!r}")
     p = min(int(parallel), n)
     devices = 1 if mesh is None else par.check_mesh(mesh)
+    shards = par.prompt_shards(mesh)
+    if shards > 1:
+        if x_T.shape[0] % shards:
+            raise ValueError(f"the batch of {x_T.shape[0]} does not split over the mesh's "
+                             f"{par.PROMPTS!r} axis of {shards}")
+        model_fn = _shard_model_fn(model_fn, mesh)
     window = -(-p // devices) * devices
     if progress is True:
         progress = _Bar.update
@@ -247,17 +267,46 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
         progress = None
     elif not callable(progress):
         raise ValueError(f"progress must be a bool or a callable, got {progress!r}")
+    leaf_specs = None
+    if mesh is not None:
+        m_dynamic, _ = partition(model_fn)
+        leaf_specs = par.batch_leaf_specs([d for d in m_dynamic if d is not None], mesh)
+        it_specs = iter(leaf_specs)
+        leaf_specs = tuple(None if d is None else next(it_specs) for d in m_dynamic)
     dynamic, spec = partition((model_fn, solver))
     if mesh is not None:
-        dynamic, x_T, rand = par.replicate((dynamic, x_T, rand), mesh)
+        split = par.P(par.PROMPTS)
+        nm = len(leaf_specs)       # the model function's leaves come first
+        dynamic = [d if (i < nm and leaf_specs[i] == split) else par.replicate(d, mesh)
+                   for i, d in enumerate(dynamic)]
+        if shards > 1:
+            x_T = par.place(x_T, mesh, split)
+            rand = par.place(rand, mesh, par.P(None, par.PROMPTS)) if mode == "noise" else \
+                par.replicate(rand, mesh)
+        else:
+            x_T, rand = par.replicate((x_T, rand), mesh)
     x0, (it, evals, begins, errors) = _run(dynamic, x_T, rand, jnp.float32(tol), spec=spec,
                                            window=window, parallel=p, mode=mode, mesh=mesh,
-                                           progress=progress)
+                                           progress=progress, chunk=chunk,
+                                           leaf_specs=leaf_specs)
     it = int(it)
     stats = ParadigmsStats(iterations=it, model_evaluations=int(evals), num_steps=n,
                            parallel=p, begins=np.asarray(begins)[:it],
                            errors=np.asarray(errors)[:it])
     return x0, stats
+
+
+def _shard_model_fn(model_fn, mesh):
+    """A guidance model function with its per-sample conditioning split over the mesh's
+    prompts axis; other model functions are returned as they are (their owner lays them out)."""
+    from jaxdiff.guidance import ModelFn
+    if not isinstance(model_fn, ModelFn):
+        return model_fn
+    fields = ("cond", "uncond", "class_labels", "uncond_class_labels", "added_cond",
+              "uncond_added_cond")
+    return dataclasses.replace(model_fn, **{
+        f: par.shard_batch(getattr(model_fn, f), mesh) for f in fields
+        if getattr(model_fn, f) is not None})
 
 
 __all__ = ["ParadigmsStats", "paradigms"]

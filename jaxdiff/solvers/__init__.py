@@ -73,7 +73,8 @@ def from_diffusers(config: Mapping[str, Any], num_inference_steps: int, **option
     """Solver matching a diffusers scheduler config dict (with ``_class_name``).
 
     ``options`` override config fields or set what diffusers passes to ``step()`` (DDIM's
-    ``eta`` and ``use_clipped_model_output``, LMS's ``order``)."""
+    ``eta`` and ``use_clipped_model_output``, LMS's ``order``); ``ratios=`` (an array or a
+    ratios JSON path) applies TimeTuner ratios (``Solver.with_ratios``)."""
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be a dict, got {type(config).__name__}")
     cls = config.get("_class_name")
@@ -81,8 +82,9 @@ def from_diffusers(config: Mapping[str, Any], num_inference_steps: int, **option
         raise ValueError(f"unsupported _class_name={cls!r}; jaxdiff implements "
                          f"{sorted(SOLVERS)}")
     module = SOLVERS[cls]
+    ratios = options.pop("ratios", None)
     cfg, step_opts = _resolve(config, module, options)
-    return module.build(cfg, num_inference_steps, **step_opts)
+    return _retime(module.build(cfg, num_inference_steps, **step_opts), ratios)
 
 
 def make(name: str, schedule_config: Optional[Mapping[str, Any]] = None,
@@ -95,8 +97,13 @@ def make(name: str, schedule_config: Optional[Mapping[str, Any]] = None,
     if key not in SHORT_NAMES and key not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose from {sorted(SHORT_NAMES)}")
     module = SOLVERS[SHORT_NAMES.get(key, key)]
+    ratios = options.pop("ratios", None)
     cfg, step_opts = _resolve(dict(schedule_config or {}), module, options)
-    return module.build(cfg, num_inference_steps, **step_opts)
+    return _retime(module.build(cfg, num_inference_steps, **step_opts), ratios)
+
+
+def _retime(solver: Solver, ratios) -> Solver:
+    return solver if ratios is None else solver.with_ratios(ratios)
 
 
 __all__ = ["DDIM", "DDPM", "DPMSolverPP", "EmptyState", "Euler", "EulerAncestral", "Heun",

@@ -74,6 +74,39 @@ class Solver:
         the latent entering step k is compared with tolerance^2 * picard_variance()[k]."""
         raise NotImplementedError(f"{type(self).__name__} does not support ParaDiGMS")
 
+    def with_ratios(self, ratios, *, expect_timesteps=None) -> "Solver":
+        """This solver with TimeTuner ratios: at step i the network is asked at the time of
+        ratios[i] * t_i while the update keeps step i's coefficients (Xia et al. 2024).
+
+        ``ratios``: [num_steps] positive numbers, or the path of a ratios JSON file written by
+        ``tuning.save_ratios`` (whose meta, when it records ``timesteps``, must match this
+        solver's grid). For discrete-time models TimeTuner's continuous time of timestep t
+        is (t + 1) / T, so the network time becomes ``ratios[i] * (t_i + 1) - 1``. Only the
+        ``timesteps`` table (what drivers pass to the model) changes, so ``jaxdiff.sample``,
+        ``jaxdiff.paradigms`` and the pipelines sample with tuned ratios unchanged; ratios of
+        all ones give back this solver exactly.
+        """
+        meta = {}
+        if isinstance(ratios, (str, bytes)) or hasattr(ratios, "__fspath__"):
+            from tuning.artifacts import load_ratios
+            ratios, meta = load_ratios(ratios)
+        r = np.asarray(ratios, np.float64)
+        ts = np.asarray(self.timesteps, np.float64)
+        name = type(self).__name__
+        if r.ndim != 1 or r.shape[0] != ts.shape[0]:
+            raise ValueError(f"{name}: ratios must be 1-D with one entry per model evaluation "
+                             f"({ts.shape[0]}), got shape {r.shape}")
+        if not np.all(np.isfinite(r)) or np.any(r <= 0):
+            raise ValueError(f"{name}: ratios must be finite and positive, got {r.tolist()}")
+        want = meta.get("timesteps") if expect_timesteps is None else expect_timesteps
+        if want is not None:
+            want = np.asarray(want, np.float64).reshape(-1)
+            if want.shape != ts.shape or not np.allclose(want, ts, rtol=0, atol=1e-3):
+                raise ValueError(f"{name}: these ratios were tuned for timesteps "
+                                 f"{want.tolist()}, but the solver's timesteps are "
+                                 f"{ts.tolist()} (same solver, steps and spacing needed)")
+        return dataclasses.replace(self, timesteps=f32(r * (ts + 1.0) - 1.0))
+
     def __len__(self):
         return self.num_steps
 

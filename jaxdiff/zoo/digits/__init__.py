@@ -90,13 +90,15 @@ class DigitsPipeline:
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0, *,
                  noise: Optional[jax.Array] = None, progress: bool = False,
                  sampler: str = "sequential", parallel: int = 16, tolerance: float = 0.1,
-                 mesh=None) -> np.ndarray:
+                 mesh=None, ratios=None, sampler_options: Optional[dict] = None) -> np.ndarray:
         """-> float32 images [N, 16, 16, 1] in [0, 1], one per label.
 
         A Solver object overrides ``num_inference_steps`` (it carries its own step count).
         ``seed`` draws x_T and, for stochastic solvers, the per-step noise (the same draws
         for either sampler). ``sampler="paradigms"``: Picard windows of ``parallel`` steps at
         ``tolerance`` (optionally over a device ``mesh``); stats in ``self.last_stats``.
+        ``sampler_options``: further driver keyword arguments. ``ratios``: TimeTuner ratios
+        (array or ratios JSON path) applied to the solver (``Solver.with_ratios``).
         """
         from jaxdiff.pipeline import check_sampler, run_sampler
         check_sampler(sampler)
@@ -108,6 +110,8 @@ class DigitsPipeline:
         if not np.isfinite(gs):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
         sol = self.solver(solver, steps)
+        if ratios is not None:
+            sol = sol.with_ratios(ratios)
         model_fn = self.model_fn(labels, gs)
         k_x, k_step = jax.random.split(jax.random.PRNGKey(int(seed)))
         x_T = jax.random.normal(k_x, (len(labels), *IMAGE_SHAPE), jnp.float32)
@@ -115,7 +119,8 @@ class DigitsPipeline:
             noise = jax.random.normal(k_step, (sol.num_steps,) + x_T.shape, jnp.float32)
         x0, self.last_stats = run_sampler(sampler, model_fn, sol, x_T, noise=noise,
                                           key=None, progress=progress, parallel=parallel,
-                                          tolerance=tolerance, mesh=mesh)
+                                          tolerance=tolerance, mesh=mesh,
+                                          options=sampler_options)
         return np.clip((np.asarray(x0, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
