@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -111,8 +112,8 @@ def batch_leaf_specs(leaves, mesh: Mesh):
 
 def window_evaluator(model_fn_call: Callable, mesh: Optional[Mesh], *,
                      chunk: Optional[int] = None, leaf_specs=None) -> Callable:
-    """``f(leaves, x [W, B, ...], t [W, B]) -> [W, B, ...]``: the model over a window
-    (``model_fn_call(leaves, x, t)``; ``leaves`` is a list of arrays).
+    """``f(leaves, x [W, B, ...], t [W, B], active [W]) -> [W, B, ...]``: the model over a
+    window (``model_fn_call(leaves, x, t)``; ``leaves`` is a list of arrays).
 
     Without a mesh, one vmapped (batched) call over the window. With a mesh, the window axis
     W (a multiple of the mesh's data size) is split over ``"data"`` with ``shard_map``, and
@@ -120,31 +121,39 @@ def window_evaluator(model_fn_call: Callable, mesh: Optional[Mesh], *,
     leaf, default all replicated) says which leaves are split with the batch.
     ``chunk``: evaluate the (local) window ``chunk`` positions per call in a ``lax.map``
     instead of all at once: the same arithmetic in smaller batches (CPUs, where very large
-    batches run slower per sample, or to bound memory).
+    batches run slower per sample, or to bound memory); chunks with no ``active`` position
+    (the window hanging past the end of the trajectory) are skipped and give zeros.
     """
     batched = jax.vmap(model_fn_call, in_axes=(None, 0, 0))
 
-    def local(leaves, x, t):
+    def local(leaves, x, t, active):
         w = x.shape[0]
         if chunk is None or chunk >= w:
             return batched(leaves, x, t)
         k = -(-w // chunk)
         pad = k * chunk - w
         if pad:
-            x = jax.numpy.concatenate([x, jax.numpy.broadcast_to(x[-1:], (pad,) + x.shape[1:])])
-            t = jax.numpy.concatenate([t, jax.numpy.broadcast_to(t[-1:], (pad,) + t.shape[1:])])
-        xs = x.reshape((k, chunk) + x.shape[1:])
-        ts = t.reshape((k, chunk) + t.shape[1:])
-        out = jax.lax.map(lambda a: batched(leaves, a[0], a[1]), (xs, ts))
+            edge = lambda a, fill: jnp.concatenate(  # noqa: E731
+                [a, jnp.broadcast_to(fill, (pad,) + a.shape[1:]).astype(a.dtype)])
+            x, t, active = edge(x, x[-1:]), edge(t, t[-1:]), edge(active, False)
+        split = lambda a: a.reshape((k, chunk) + a.shape[1:])  # noqa: E731
+        shape = jax.eval_shape(lambda: batched(leaves, x[:chunk], t[:chunk]))
+
+        def one(args):
+            xc, tc, ac = args
+            return jax.lax.cond(jnp.any(ac), lambda: batched(leaves, xc, tc),
+                                lambda: jnp.zeros(shape.shape, shape.dtype))
+
+        out = jax.lax.map(one, (split(x), split(t), split(active)))
         return out.reshape((k * chunk,) + out.shape[2:])[:w]
 
     if mesh is None:
         return local
     batch = P(DATA, PROMPTS) if PROMPTS in mesh.axis_names else P(DATA)
-    return lambda leaves, x, t: jax.shard_map(
+    return lambda leaves, x, t, active: jax.shard_map(
         local, mesh=mesh,
-        in_specs=(list(leaf_specs) if leaf_specs is not None else P(), batch, batch),
-        out_specs=batch, check_vma=False)(leaves, x, t)
+        in_specs=(list(leaf_specs) if leaf_specs is not None else P(), batch, batch, P(DATA)),
+        out_specs=batch, check_vma=False)(leaves, x, t, active)
 
 
 __all__ = ["DATA", "P", "PROMPTS", "batch_leaf_specs", "check_mesh", "make_mesh", "place",

@@ -151,12 +151,13 @@ def test_stochastic_solver_needs_randomness(inputs):
                           tolerance=0.1)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 16])
+@pytest.mark.parametrize("chunk", [1, 3, 16, "auto"])
 def test_chunked_window_evaluation_equals_one_call(chunk, inputs):
     x_T, noise = inputs
     for name in ("ddpm", "dpm++"):
         s = solvers.make(name, SCHEDULE, STEPS)
-        a, sa = jaxdiff.paradigms(model_fn, s, x_T, parallel=7, tolerance=0.05, noise=noise)
+        a, sa = jaxdiff.paradigms(model_fn, s, x_T, parallel=7, tolerance=0.05, noise=noise,
+                                  chunk=None)
         b, sb = jaxdiff.paradigms(model_fn, s, x_T, parallel=7, tolerance=0.05, noise=noise,
                                   chunk=chunk)
         assert (sa.iterations, sa.model_evaluations) == (sb.iterations, sb.model_evaluations)
@@ -164,7 +165,7 @@ def test_chunked_window_evaluation_equals_one_call(chunk, inputs):
         assert rel(b, a) <= 1e-6
 
 
-@pytest.mark.parametrize("chunk", [0, 2.0, True])
+@pytest.mark.parametrize("chunk", [0, 2.0, True, "fast"])
 def test_bad_chunk_raises(chunk, inputs):
     x_T, noise = inputs
     with pytest.raises(ValueError, match="chunk"):
