@@ -196,7 +196,11 @@ def _run(dynamic, x_T, rand, tolerance, *, spec, window, parallel, mode, mesh, p
             jnp.full((n,), -1, jnp.int32), jnp.full((n, p), jnp.nan, jnp.float32))
     begin, it, evals, buf, _, begins, errors = jax.lax.while_loop(
         lambda c: c[0] < n, body, init)
-    return buf[n], (it, evals, begins, errors)
+    x_final = buf[n]
+    if mesh is not None:   # every process can read the result, whatever the batch layout
+        x_final = jax.lax.with_sharding_constraint(
+            x_final, jax.sharding.NamedSharding(mesh, par.P()))
+    return x_final, (it, evals, begins, errors)
 
 
 def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: float,
