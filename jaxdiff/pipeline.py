@@ -147,7 +147,8 @@ class StableDiffusionPipeline:
                  sampler_options: Optional[dict] = None):
         """Generate images. ``seed``: an int (image j uses seed + j) or one int per image.
         ``latents``: standard-normal x_T [N, h, w, C] (NHWC) instead of seeds.
-        ``sampler``: "sequential" (``jaxdiff.sample``) or "paradigms" (``jaxdiff.paradigms``
+        ``sampler``: "sequential" (``jaxdiff.sample``), "faster" (FasterDiffusion encoder
+        propagation, ``jaxdiff.sampling.encoder_propagation``) or "paradigms" (``jaxdiff.paradigms``
         with ``parallel``, ``tolerance`` and optionally a device ``mesh``; its stats are left
         in ``self.last_stats``). ``sampler_options``: further keyword arguments of the driver
         (e.g. ``chunk`` for ParaDiGMS). ``ratios``: TimeTuner ratios (array or ratios JSON
@@ -279,7 +280,7 @@ def to_pil(images):
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 
-SAMPLERS = ("sequential", "paradigms")
+SAMPLERS = ("sequential", "paradigms", "faster")
 
 
 def check_sampler(sampler):
@@ -299,9 +300,37 @@ def run_sampler(sampler, model_fn, solver, x_T, *, noise=None, key=None, progres
     if sampler == "paradigms":
         return paradigms(model_fn, solver, x_T, parallel=parallel, tolerance=tolerance,
                          mesh=mesh, progress=progress, **rand, **options)
+    if sampler == "faster":
+        return faster_from_model_fn(model_fn, solver, x_T, rand, options)
     if options:
         raise ValueError(f"the sequential sampler takes no options, got {sorted(options)}")
     return sample(model_fn, solver, x_T, progress=progress, **rand), None
+
+
+def faster_from_model_fn(model_fn, solver, x_T, rand, options):
+    """FasterDiffusion encoder propagation for a ``jaxdiff.guidance`` model function:
+    its UNet, conditioning and guidance scale; ``options`` are ``encoder_propagation``'s
+    (``key_steps`` defaults to the paper's list for 50 / 20 steps, else every 5th step)."""
+    from jaxdiff.guidance import ModelFn
+    from jaxdiff.sampling import encoder_propagation
+    from jaxdiff.sampling.encoder_propagation import PAPER_KEY_STEPS
+
+    if not isinstance(model_fn, ModelFn):
+        raise ValueError("sampler='faster' needs a jaxdiff.guidance model function")
+    if model_fn.guidance_rescale is not None and float(model_fn.guidance_rescale) > 0:
+        raise ValueError("sampler='faster' does not implement guidance_rescale")
+    options = dict(options)
+    options.setdefault("key_steps", "paper" if solver.num_steps in PAPER_KEY_STEPS else 5)
+    cond = {"encoder_hidden_states": model_fn.cond, "class_labels": model_fn.class_labels,
+            "added_cond": model_fn.added_cond}
+    uncond = None
+    if model_fn.uncond is not None:
+        uncond = {"encoder_hidden_states": model_fn.uncond,
+                  "class_labels": model_fn.uncond_class_labels,
+                  "added_cond": model_fn.uncond_added_cond}
+    scale = 1.0 if model_fn.guidance_scale is None else model_fn.guidance_scale
+    return encoder_propagation(model_fn.unet, solver, x_T, cond=cond, uncond=uncond,
+                               guidance_scale=scale, **rand, **options)
 
 
 def image_grid(images, rows: int, cols: int):
