@@ -15,6 +15,10 @@ Where x_{t_i} comes from is the tune type:
                starting from alpha_T x_0 + sigma_T noise; indices are trained one after the
                other, by one compiled step in which the index is a traced argument.
 The last step's ratio is not tuned (it stays 1), as in the reference.
+
+Beyond the reference (its README lists it as future work), the tuned step can be a
+multistep DPM-Solver++ step (``solver='dpmsolver++'``): the same loss, with x_{t_{i+1}}(r)
+the DPM-Solver++(2M) update that also uses the previous step's data prediction.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ import optax
 
 from jaxdiff.sampling.pytree import combine, partition
 from tuning.checkpoint import RunCheckpoints
-from tuning.sampler import TRACE_COUNTS, ddim_loop, ddim_step, predict_noise, time_grid
+from tuning.sampler import (SOLVERS, TRACE_COUNTS, check_solver, ddim_loop, ddim_step,
+                            dpm_orders, dpmpp_loop, dpmpp_step, predict_noise, time_grid)
 from tuning.schedule import NoiseScheduleVP
+from tuning.wrapper import model_input_time
 
 TUNE_TYPES = ("sequential", "parallel")
 ADAM_BETAS = (0.9, 0.999)      # the reference's torch.optim.Adam settings
@@ -48,33 +54,60 @@ def _flat_sq_mean(a):  # [B, ...] -> scalar: sum over a sample, mean over the ba
     return jnp.mean(jnp.sum(jnp.square(a).reshape(a.shape[0], -1), axis=1))
 
 
-def _start_state(model_fn, ns, x0, noise, idx, ratios, t_cur, t_next, cond, uncond,
-                 sequential: bool):
-    """x at t_cur[idx] and the loss target eps(x, t_cur[idx]); both treated as constants.
+def _solver_step(model_fn, ns, solver, x, t, s, ratio, x0_prev, t_prev, second, cond,
+                 uncond):
+    """One tuned step of ``solver`` (static) -> (x_s, x0_pred)."""
+    if solver == "ddim":
+        return ddim_step(model_fn, ns, x, t, s, ratio, condition=cond, uncond_condition=uncond)
+    return dpmpp_step(model_fn, ns, x, t, s, ratio, x0_prev, t_prev, second, cond, uncond)
+
+
+def _start_state(model_fn, ns, x0, noise, idx, ratios, t_cur, t_next, orders, cond, uncond,
+                 sequential: bool, solver: str):
+    """x at t_cur[idx], the multistep history entering step idx (DPM-Solver++: the data
+    prediction of step idx - 1, else None) and the loss target eps(x, t_cur[idx]); all
+    treated as constants.
 
     ``idx`` may be traced: the sequential prefix is a fori_loop with a traced trip count,
-    which is why it must stay outside the differentiated function.
+    which is why it must stay outside the differentiated function. In 'parallel' mode the
+    DPM-Solver++ history is the network's data prediction at x_{t_{idx-1}} (the same data
+    and noise), asked at that step's current ratio.
     """
+    multistep = solver != "ddim"
     if sequential:
         big_t = jnp.asarray(ns.T, t_cur.dtype)
         x = ns.marginal_alpha(big_t) * x0 + ns.marginal_std(big_t) * noise
 
-        def prefix_step(j, x):
-            x_next, _ = ddim_step(model_fn, ns, x, t_cur[j], t_next[j], ratios[j],
-                                  condition=cond, uncond_condition=uncond)
-            return x_next.astype(x.dtype)
+        def prefix_step(j, carry):
+            x, x0_prev = carry
+            x_next, x0_j = _solver_step(model_fn, ns, solver, x, t_cur[j], t_next[j],
+                                        ratios[j], x0_prev, t_cur[jnp.maximum(j - 1, 0)],
+                                        orders[j] == 2, cond, uncond)
+            return x_next.astype(x.dtype), x0_j.astype(x.dtype)
 
-        x = jax.lax.fori_loop(0, idx, prefix_step, x)
+        x, x0_prev = jax.lax.fori_loop(0, idx, prefix_step, (x, jnp.zeros_like(x)))
     else:
         t = t_cur[idx]
         x = ns.marginal_alpha(t) * x0 + ns.marginal_std(t) * noise
+        x0_prev = None
+        if multistep:
+            j = jnp.maximum(idx - 1, 0)
+            x_prev = ns.marginal_alpha(t_cur[j]) * x0 + ns.marginal_std(t_cur[j]) * noise
+            eps_prev = predict_noise(model_fn, x_prev.astype(x0.dtype), ratios[j] * t_cur[j],
+                                     cond, uncond)
+            x0_prev = (x_prev - ns.marginal_std(t_cur[j]) * eps_prev) / ns.marginal_alpha(
+                t_cur[j])
     x = jax.lax.stop_gradient(x.astype(x0.dtype))
+    x0_prev = (jax.lax.stop_gradient(x0_prev.astype(x0.dtype)) if multistep else None)
     target = predict_noise(model_fn, x, t_cur[idx], cond, uncond)
-    return x, jax.lax.stop_gradient(target)
+    return x, x0_prev, jax.lax.stop_gradient(target)
 
 
-def _step_loss(ratio, model_fn, ns, x_t, target, t, s, cond, uncond):
-    x_s, _ = ddim_step(model_fn, ns, x_t, t, s, ratio, condition=cond, uncond_condition=uncond)
+def _step_loss(ratio, model_fn, ns, x_t, x0_prev, target, idx, t_cur, t_next, orders, cond,
+               uncond, solver):
+    t, s = t_cur[idx], t_next[idx]
+    x_s, _ = _solver_step(model_fn, ns, solver, x_t, t, s, ratio, x0_prev,
+                          t_cur[jnp.maximum(idx - 1, 0)], orders[idx] == 2, cond, uncond)
     eps_s = predict_noise(model_fn, x_s.astype(x_t.dtype), s, cond, uncond)
     return _flat_sq_mean(target - eps_s)
 
@@ -91,29 +124,29 @@ def _adam(lr):
 
 
 def _one_update(model_fn, ns, x0, cond, uncond, idx, it, ratio, opt_state, ratios, t_cur,
-                t_next, lr, key, sequential):
+                t_next, orders, lr, key, sequential, solver):
     noise = _noise_for(key, idx, it, x0.shape, x0.dtype)
-    x_t, target = _start_state(model_fn, ns, x0, noise, idx, ratios, t_cur, t_next, cond,
-                               uncond, sequential)
-    loss, grad = jax.value_and_grad(_step_loss)(ratio, model_fn, ns, x_t, target, t_cur[idx],
-                                                t_next[idx], cond, uncond)
+    x_t, x0_prev, target = _start_state(model_fn, ns, x0, noise, idx, ratios, t_cur, t_next,
+                                        orders, cond, uncond, sequential, solver)
+    loss, grad = jax.value_and_grad(_step_loss)(ratio, model_fn, ns, x_t, x0_prev, target, idx,
+                                                t_cur, t_next, orders, cond, uncond, solver)
     updates, opt_state = _adam(lr).update(grad, opt_state, ratio)
     return optax.apply_updates(ratio, updates), opt_state, loss
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
+@functools.partial(jax.jit, static_argnames=("spec", "solver"))
 def _sequential_update(dynamic, x0, cond, idx, it, ratio, opt_state, ratios, t_cur, t_next,
-                       lr, key, *, spec):
+                       orders, lr, key, *, spec, solver):
     """One Adam step on ratio ``idx`` (a traced int32: one program for every index)."""
     TRACE_COUNTS["sequential"] += 1
     model_fn, ns, uncond = combine(dynamic, spec)
     return _one_update(model_fn, ns, x0, cond, uncond, idx, it, ratio, opt_state, ratios,
-                       t_cur, t_next, lr, key, sequential=True)
+                       t_cur, t_next, orders, lr, key, sequential=True, solver=solver)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
+@functools.partial(jax.jit, static_argnames=("spec", "solver"))
 def _parallel_update(dynamic, x0, cond, it, ratios_m, opt_states, ratios, t_cur, t_next,
-                     lr, key, *, spec):
+                     orders, lr, key, *, spec, solver):
     """One Adam step on every tuned ratio at once. ratios_m [M], opt_states stacked [M]."""
     TRACE_COUNTS["parallel"] += 1
     model_fn, ns, uncond = combine(dynamic, spec)
@@ -121,7 +154,7 @@ def _parallel_update(dynamic, x0, cond, it, ratios_m, opt_states, ratios, t_cur,
 
     def one(idx, ratio, opt_state):
         return _one_update(model_fn, ns, x0, cond, uncond, idx, it, ratio, opt_state, ratios,
-                           t_cur, t_next, lr, key, sequential=False)
+                           t_cur, t_next, orders, lr, key, sequential=False, solver=solver)
 
     return jax.vmap(one)(jnp.arange(m, dtype=jnp.int32), ratios_m, opt_states)
 
@@ -272,36 +305,87 @@ class TimeTuner:
         return out, {"x_t": jnp.concatenate([x[None], xs]),
                      "x0_pred": jnp.concatenate([x[None], x0s])}
 
+    def dpm_solver_sample(self, x, num_steps=None, timesteps=None, t_ratios=None, order=2,
+                          lower_order_final=True, condition=None, uncond_condition=None,
+                          grid="reference", return_intermediates=False):
+        """Multistep DPM-Solver++ (data prediction; order 2 = "2M") from x at t[0] to the
+        grid's end, the network at ratio_i * t_i (the time grid as in ``ddim_sample``).
+
+        Order per step: ``tuning.dpm_orders`` (first order at the first step, and at the
+        last one when ``lower_order_final`` and K < 15, as diffusers and jaxdiff's
+        DPMSolverPP do). One jitted lax.scan, differentiable in ``t_ratios``. With
+        ``return_intermediates`` also returns {'x_t', 'x0_pred'} as ``ddim_sample`` does.
+        With ``timesteps=solver.timesteps`` of a jaxdiff DPM-Solver++ whose last step ends
+        at the first training time (final_sigmas_type="sigma_min") the two agree.
+        """
+        check_solver("dpmsolver++", order)
+        x = jnp.asarray(x)
+        t, t_next = self.get_time_grid(num_steps, timesteps, grid)
+        ratios = self._ratios_for(t_ratios, t.shape[0], t.dtype)
+        orders = dpm_orders(t.shape[0], order, lower_order_final)
+        out, traj = dpmpp_loop(self._model, self.noise_schedule, x, t, t_next, ratios, orders,
+                               condition, uncond_condition, intermediates=return_intermediates)
+        if not return_intermediates:
+            return out
+        xs, x0s = traj
+        return out, {"x_t": jnp.concatenate([x[None], xs]),
+                     "x0_pred": jnp.concatenate([x[None], x0s])}
+
+    def sample(self, x, num_steps=None, timesteps=None, t_ratios=None, solver="ddim",
+               order=2, lower_order_final=True, **kwargs):
+        """``ddim_sample`` or ``dpm_solver_sample`` by name (``solver`` in
+        ``tuning.SOLVERS``); the other keywords are passed on."""
+        check_solver(solver, order)
+        if solver == "ddim":
+            return self.ddim_sample(x, num_steps, timesteps, t_ratios, **kwargs)
+        return self.dpm_solver_sample(x, num_steps, timesteps, t_ratios, order,
+                                      lower_order_final, **kwargs)
+
     # -------------------------------------------------------------------- the loss
     def loss(self, x0, noise, idx: int, ratio, num_steps=None, timesteps=None,
              tune_type="parallel", t_ratios=None, condition=None, uncond_condition=None,
-             grid="reference"):
+             grid="reference", solver="ddim", order=2, lower_order_final=True):
         """The tuning loss of step ``idx`` at ``ratio`` for data x0 and noise [B, ...].
 
-        ``t_ratios`` [K]: the ratios of the earlier steps (sequential only). Differentiable
-        in ``ratio``; ``optimize_timesteps`` minimises exactly this function.
+        ``t_ratios`` [K]: the ratios of the earlier steps (sequential), or of step idx - 1
+        (the DPM-Solver++ history in parallel mode). Differentiable in ``ratio``;
+        ``optimize_timesteps`` minimises exactly this function.
         """
         if tune_type not in TUNE_TYPES:
             raise ValueError(f"unsupported tune_type {tune_type!r}; choose one of "
                              f"{list(TUNE_TYPES)}")
+        check_solver(solver, order)
         t, t_next = self.get_time_grid(num_steps, timesteps, grid)
         ratios = self._ratios_for(t_ratios, t.shape[0], t.dtype)
+        orders = jnp.asarray(dpm_orders(t.shape[0], order if solver != "ddim" else 1,
+                                        lower_order_final))
         x0 = jnp.asarray(x0)
-        x_t, target = _start_state(self._model, self.noise_schedule, x0,
-                                   jnp.asarray(noise, x0.dtype), idx, ratios, t, t_next,
-                                   condition, uncond_condition, tune_type == "sequential")
-        return _step_loss(ratio, self._model, self.noise_schedule, x_t, target, t[idx],
-                          t_next[idx], condition, uncond_condition)
+        x_t, x0_prev, target = _start_state(
+            self._model, self.noise_schedule, x0, jnp.asarray(noise, x0.dtype), idx, ratios,
+            t, t_next, orders, condition, uncond_condition, tune_type == "sequential", solver)
+        return _step_loss(ratio, self._model, self.noise_schedule, x_t, x0_prev, target, idx,
+                          t, t_next, orders, condition, uncond_condition, solver)
 
     # -------------------------------------------------------------------- training
-    def optimize_timesteps(self, data, num_steps: Optional[int] = 10, timesteps=None,
+    def optimize_timesteps(self, data, num_steps: Optional[int] = None, timesteps=None,
                            tune_type: str = "sequential", lr: float = 2e-3,
                            total_iters: int = 500, key=None, encode_fn=None,
                            uncond_condition=None, checkpoint_dir=None,
                            checkpoint_every: int = 50, grid: str = "reference",
                            verbose: bool = False,
-                           callback: Optional[Callable[..., Any]] = None):
+                           callback: Optional[Callable[..., Any]] = None,
+                           solver: str = "ddim", order: int = 2,
+                           lower_order_final: bool = True):
         """Learn the ratios of steps 0..K-2 with Adam(lr, betas=(0.9, 0.999)).
+
+        The K steps: ``num_steps`` on the ``grid`` (default 10), or ``timesteps`` [K] in the
+        network's units (e.g. a jaxdiff solver's ``timesteps``, to tune for its grid).
+
+        ``solver``: 'ddim' (the reference) or 'dpmsolver++' (multistep DPM-Solver++ of
+        ``order`` 1 or 2, see ``dpm_solver_sample``): the tuned step in the loss is that
+        solver's step, with its multistep history (in 'sequential' mode the history the
+        tuned sampler itself produces; in 'parallel' mode the network's data prediction at
+        the previous time on the same noised data).
 
         ``data``: a re-iterable collection of batches: images [B, ...], (images,),
         (images, labels) or {'image', 'label'} dicts (numpy or jax). Each index trains
@@ -334,8 +418,11 @@ class TimeTuner:
                             ("checkpoint_every", checkpoint_every)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_solver(solver, order)
         _check_data(data)
         ns = self.noise_schedule
+        if num_steps is None and timesteps is None:
+            num_steps = 10
         t_np, t_next_np = time_grid(ns, num_steps, timesteps, grid)
         k = t_np.shape[0]
         m = k - 1
@@ -351,11 +438,21 @@ class TimeTuner:
         sequential = tune_type == "sequential"
         total = m * total_iters if sequential else total_iters
 
-        meta = {"method": "TimeTuner DDIM", "tune_type": tune_type, "num_steps": k,
+        orders_np = dpm_orders(k, order if solver != "ddim" else 1, lower_order_final)
+        orders = jnp.asarray(orders_np)
+        meta = {"method": "TimeTuner " + ("DDIM" if solver == "ddim" else
+                                          f"DPM-Solver++ (order {order})"),
+                "solver": solver, "tune_type": tune_type, "num_steps": k,
                 "grid": grid if timesteps is None else "timesteps",
                 "t": t_np.tolist(), "t_next": t_next_np.tolist(),
+                # the network-unit times of the steps: what a jaxdiff solver's
+                # ``timesteps`` must equal for these ratios (Solver.with_ratios checks)
+                "timesteps": np.asarray(model_input_time(ns, t_np)).tolist(),
                 "schedule": ns.schedule, "total_N": ns.total_N, "lr": float(lr),
                 "total_iters": int(total_iters)}
+        if solver != "ddim":
+            meta.update(order=int(order), orders=orders_np.tolist(),
+                        lower_order_final=bool(lower_order_final))
         fingerprint = dict(meta, key=_key_data(key))
 
         # the run's state, in one pytree so that checkpoints are a flat list of arrays
@@ -397,12 +494,13 @@ class TimeTuner:
                 if sequential:
                     ratio, opt, loss = _sequential_update(
                         dynamic, x0, cond, jnp.int32(idx), jnp.int32(it), state["ratio"],
-                        state["opt_state"], state["ratios"], t_cur, t_next, lr_arr, key,
-                        spec=spec)
+                        state["opt_state"], state["ratios"], t_cur, t_next, orders, lr_arr,
+                        key, spec=spec, solver=solver)
                 else:
                     ratio, opt, loss = _parallel_update(
                         dynamic, x0, cond, jnp.int32(it), state["ratio"], state["opt_state"],
-                        state["ratios"], t_cur, t_next, lr_arr, key, spec=spec)
+                        state["ratios"], t_cur, t_next, orders, lr_arr, key, spec=spec,
+                        solver=solver)
                 loss_np, ratio_np = np.asarray(loss), np.asarray(ratio)
                 bad = ~(np.isfinite(loss_np) & np.isfinite(ratio_np))
                 if np.any(bad):
