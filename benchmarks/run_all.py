@@ -9,6 +9,7 @@ import digits_quality  # noqa: E402
 import paradigms_diffusers  # noqa: E402
 import paradigms_digits  # noqa: E402
 import sampling  # noqa: E402
+import timetuner_digits  # noqa: E402
 import unet_forward  # noqa: E402
 
 
@@ -19,6 +20,7 @@ def main():
     paradigms_diffusers.main([])
     # the full grid (45 runs, hours on 2 CPU cores): paradigms_digits.main([])
     paradigms_digits.main(["--grid", "quick", "--per-class", "5"])
+    timetuner_digits.main([])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@
                 [--steps 50] [--guidance 1] [--seed 0] [--out digits.png]
       The embedded digits model: a grid of class-conditional samples, with classifier
       accuracy, FD-digits and timings printed.
+  jaxdiff tune [--model digits] [--steps 10] [--tune-type parallel|sequential]
+               [--solver ddim|dpmsolver++] [--iters 500] [--batch 16] [--lr 2e-3] [--seed 0]
+               [--checkpoint-dir DIR] [--out outputs/ratios.json] [--eval N]
+      TimeTuner: learn per-step time ratios; writes the ratios JSON (for
+      ``Solver.with_ratios`` / ``ratios=``), <stem>_loss.csv and <stem>.png.
   jaxdiff demo [--conversion]
       The main job (see README); --conversion: the SD 1.5 UNet conversion demo.
 """
@@ -133,6 +138,10 @@ def _sample(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tune"]:   # its parser lives with its code in tuning.cli (imports jax)
+        from tuning.cli import main as tune
+        return tune(argv[1:], prog="jaxdiff tune")
     parser = argparse.ArgumentParser(prog="jaxdiff", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default=None, help="PNG path (default sample.png / digits.png)")
+    sub.add_parser("tune", add_help=False, help="TimeTuner: learn per-step time ratios "
+                   "(jaxdiff tune --help)")
     p = sub.add_parser("demo", help="the main job (see README)")
     p.add_argument("--conversion", action="store_true",
                    help="the SD 1.5 UNet conversion demo instead")

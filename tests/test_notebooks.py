@@ -22,4 +22,4 @@ def test_notebook_executes(path):
 
 def test_notebooks_present():
     names = {p.name for p in NOTEBOOKS}
-    assert {"02_digits.ipynb", "03_paradigms.ipynb"} <= names
+    assert {"02_digits.ipynb", "03_paradigms.ipynb", "04_timetuner.ipynb"} <= names

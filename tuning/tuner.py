@@ -447,7 +447,7 @@ class TimeTuner:
                 "t": t_np.tolist(), "t_next": t_next_np.tolist(),
                 # the network-unit times of the steps: what a jaxdiff solver's
                 # ``timesteps`` must equal for these ratios (Solver.with_ratios checks)
-                "timesteps": np.asarray(model_input_time(ns, t_np)).tolist(),
+                "timesteps": np.round(np.asarray(model_input_time(ns, t_np)), 9).tolist(),
                 "schedule": ns.schedule, "total_N": ns.total_N, "lr": float(lr),
                 "total_iters": int(total_iters)}
         if solver != "ddim":
