@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import digits_quality  # noqa: E402
+import faster_diffusion  # noqa: E402
 import paradigms_diffusers  # noqa: E402
 import paradigms_digits  # noqa: E402
 import sampling  # noqa: E402
@@ -21,6 +22,7 @@ def main():
     # the full grid (45 runs, hours on 2 CPU cores): paradigms_digits.main([])
     paradigms_digits.main(["--grid", "quick", "--per-class", "5"])
     timetuner_digits.main([])
+    faster_diffusion.main([])
 
 
 if __name__ == "__main__":
