@@ -118,7 +118,7 @@ def main(argv=None) -> list[dict]:
         after = quality(solver, k, ratios)
         before = plain[(solver, k)]
         row = {"solver": solver, "steps": k, "tune_type": tune_type, "seconds": seconds,
-               "before": before, "after": after, "ratios": np.round(ratios, 4).tolist(),
+               "before": before, "after": after, "ratios": [round(float(r), 4) for r in ratios],
                "loss_first": float(np.nanmean(log["loss"][:, :5])),
                "loss_last": float(np.nanmean(log["loss"][:, -5:]))}
         rows.append(row)
