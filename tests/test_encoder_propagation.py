@@ -48,8 +48,8 @@ def _reference(pipe, solver, x_T, labels, key_steps, alpha, threshold):
     feats = None
     for i in range(solver.num_steps):
         t = float(solver.timesteps[i])
-        if alpha and t < threshold:
-            x = x + alpha * x_T
+        if alpha and t < threshold:     # alpha x_T in the model-input (VP) scale
+            x = x + alpha * x_T / solver.scale_model_input(jnp.ones_like(x), i)
         tb = jnp.full((x.shape[0],), t, jnp.float32)
         if i in key_steps:
             feats = unet.encode(solver.scale_model_input(x, i), tb, ctx, class_labels=lab)
@@ -59,7 +59,7 @@ def _reference(pipe, solver, x_T, labels, key_steps, alpha, threshold):
     return x
 
 
-@pytest.mark.parametrize("name", ["dpm++"])
+@pytest.mark.parametrize("name", ["dpm++", "euler"])
 def test_reuse_and_injection_match_a_step_by_step_reference(name, setup):
     pipe, cond, _, x_T = setup
     s = solvers.make(name, pipe.schedule, STEPS)

@@ -8,7 +8,10 @@ non-key followers) is decoded in one batched call, each step with its own time e
 and the solver then applies the group's steps in order (multistep solvers keep their
 history). Optional prior noise injection adds ``noise_injection * x_T`` to the latent before
 every step whose model time is below ``injection_threshold`` (the paper's 0.003 and 500 of
-1000), which restores high-frequency detail lost by the reuse.
+1000), which restores high-frequency detail lost by the reuse. x_T is the standard-normal
+draw and the addition happens in the model-input (variance-preserving) scale, so for
+sigma-scaled solvers (Euler, Heun, LMS) the latent receives alpha x_T sqrt(sigma_t^2 + 1),
+the same perturbation as for DDIM.
 
 With every step a key step and injection off this is exactly sequential sampling. The whole
 sample is one ``jax.jit`` program; the groups are unrolled (their sizes are static shapes),
@@ -122,7 +125,10 @@ def _run(dynamic, x_T, rand, guidance_scale, alpha, threshold, *, spec, groups, 
     n = solver.num_steps
     dtype = x_T.dtype
     x = (x_T * solver.init_noise_sigma).astype(dtype)
-    inject = (alpha * x).astype(dtype)
+    ones = jnp.ones_like(x)
+
+    def inject(x, i):   # alpha * x_T in the model-input (VP) scale, mapped to the solver's
+        return (x + alpha * x_T / solver.scale_model_input(ones, i)).astype(dtype)
     state = solver.init(x)
     timesteps = jnp.asarray(solver.timesteps, jnp.float32)
     b = x.shape[0]
@@ -135,7 +141,7 @@ def _run(dynamic, x_T, rand, guidance_scale, alpha, threshold, *, spec, groups, 
         idx = list(range(start, start + size))
         # the key step's latent, with injection applied as in sequential order
         t0 = timesteps[start]
-        x = jnp.where(t0 < threshold, x + inject, x) if mode[1] else x
+        x = jnp.where(t0 < threshold, inject(x, start), x) if mode[1] else x
         xin = solver.scale_model_input(x, start)
         xin = jnp.concatenate([xin] * m, 0)
         enc = unet.encode(xin, jnp.broadcast_to(t0, (m * b,)), ctx, class_labels=labels,
@@ -148,7 +154,7 @@ def _run(dynamic, x_T, rand, guidance_scale, alpha, threshold, *, spec, groups, 
         out = out.reshape((size, m * b) + out.shape[1:])
         for j, i in enumerate(idx):
             if j > 0 and mode[1]:
-                x = jnp.where(timesteps[i] < threshold, x + inject, x)
+                x = jnp.where(timesteps[i] < threshold, inject(x, i), x)
             o = out[j]
             if cfg:
                 u, v = o[:b], o[b:]
