@@ -76,6 +76,22 @@ def test_reuse_and_injection_match_a_step_by_step_reference(name, setup):
     assert float(jnp.max(jnp.abs(plain - full))) > 1e-3    # so does the reuse
 
 
+def test_decode_chunks_equal_one_batched_call(setup):
+    """decode_chunk=k (k of a group's steps per decoder call, in a lax.map; a group whose
+    size is not a multiple of k is padded) gives the one-call result, with guidance."""
+    pipe, cond, uncond, x_T = setup
+    s = solvers.make("dpm++", pipe.schedule, STEPS)
+    kw = dict(cond=cond, uncond=uncond, guidance_scale=2.0, key_steps=[0, 1, 4])  # 1, 3, 2
+    ref, _ = encoder_propagation(pipe.unet, s, x_T, **kw)
+    for chunk in (1, 2):
+        out, st = encoder_propagation(pipe.unet, s, x_T, decode_chunk=chunk, **kw)
+        assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) <= 1e-5, chunk
+        assert st.groups == (1, 3, 2)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="decode_chunk"):
+            encoder_propagation(pipe.unet, s, x_T, decode_chunk=bad, **kw)
+
+
 def test_key_step_schedules():
     assert key_step_schedule("paper", 50) == (0, 1, 2, 3, 5, 10, 15, 25, 35)
     assert key_step_schedule("paper", 20) == (0, 1, 2, 3, 5, 10, 15)

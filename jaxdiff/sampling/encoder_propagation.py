@@ -118,8 +118,9 @@ def _repeat(tree, g):
     return jax.tree.map(lambda a: jnp.concatenate([a] * g, 0) if g > 1 else a, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "groups", "mode", "cfg"))
-def _run(dynamic, x_T, rand, guidance_scale, alpha, threshold, *, spec, groups, mode, cfg):
+@functools.partial(jax.jit, static_argnames=("spec", "groups", "mode", "cfg", "chunk"))
+def _run(dynamic, x_T, rand, guidance_scale, alpha, threshold, *, spec, groups, mode, cfg,
+         chunk):
     graphdef, solver, cond, uncond = combine(dynamic, spec)
     unet = nnx.merge(*graphdef) if isinstance(graphdef, tuple) else graphdef
     n = solver.num_steps
@@ -149,9 +150,23 @@ def _run(dynamic, x_T, rand, guidance_scale, alpha, threshold, *, spec, groups, 
         ts = jnp.repeat(timesteps[jnp.asarray(idx)], m * b)                 # [size * m * b]
         emb = unet.time_embedding_of(ts, size * m * b, _repeat(labels, size),
                                      _repeat(added, size))
-        out = unet.decode(_repeat(enc.skips, size), _repeat(enc.mid, size), emb,
-                          _repeat(ctx, size)).astype(jnp.float32)
-        out = out.reshape((size, m * b) + out.shape[1:])
+        if chunk is None or chunk >= size:     # the group's steps in one decoder call
+            out = unet.decode(_repeat(enc.skips, size), _repeat(enc.mid, size), emb,
+                              _repeat(ctx, size)).astype(jnp.float32)
+            out = out.reshape((size, m * b) + out.shape[1:])
+        else:                                  # ``chunk`` steps per call, in a lax.map
+            emb = emb.reshape((size, m * b) + emb.shape[1:])
+            feats = (_repeat(enc.skips, chunk), _repeat(enc.mid, chunk), _repeat(ctx, chunk))
+
+            def dec(e):  # [chunk, m * b, ...] time embeddings -> [chunk, m * b, ...]
+                o = unet.decode(*feats[:2], e.reshape((chunk * m * b,) + e.shape[2:]),
+                                feats[2]).astype(jnp.float32)
+                return o.reshape((chunk, m * b) + o.shape[1:])
+
+            pad = -size % chunk                # repeat the last step's embedding, drop after
+            emb = jnp.concatenate([emb] + [emb[-1:]] * pad, 0)
+            out = jax.lax.map(dec, emb.reshape((-1, chunk) + emb.shape[1:]))
+            out = out.reshape((size + pad,) + out.shape[2:])[:size]
         for j, i in enumerate(idx):
             if j > 0 and mode[1]:
                 x = jnp.where(timesteps[i] < threshold, inject(x, i), x)
@@ -172,7 +187,7 @@ def _run(dynamic, x_T, rand, guidance_scale, alpha, threshold, *, spec, groups, 
 def encoder_propagation(unet, solver, x_T, *, cond, uncond=None, guidance_scale=1.0,
                         key_steps, noise_injection: float = 0.003,
                         injection_threshold: float = 500, key: Optional[jax.Array] = None,
-                        noise: Optional[jax.Array] = None):
+                        noise: Optional[jax.Array] = None, decode_chunk: Optional[int] = None):
     """Sample with FasterDiffusion encoder propagation -> (x_0, PropagationStats).
 
     ``unet``: a jaxdiff ``UNet2DConditionModel`` (it needs ``encode``/``decode``).
@@ -183,7 +198,15 @@ def encoder_propagation(unet, solver, x_T, *, cond, uncond=None, guidance_scale=
     prior noise injection (0 turns it off), applied before steps whose model time is below
     ``injection_threshold``. ``key`` / ``noise``: randomness for stochastic solvers, as in
     ``jaxdiff.sample`` (``noise`` [num_steps, *x_T.shape]).
+    ``decode_chunk``: None decodes each group in one batched call (the paper's layout, best
+    on accelerators and for large models); an int k decodes k of the group's steps per call
+    in a ``lax.map``, which is faster on a CPU when the tensors are small (the features
+    are not copied group-size times). Same result either way.
     """
+    if decode_chunk is not None and (isinstance(decode_chunk, bool) or not isinstance(
+            decode_chunk, numbers.Integral) or decode_chunk < 1):
+        raise ValueError(f"decode_chunk must be None or a positive integer, got "
+                         f"{decode_chunk!r}")
     for attr in ("encode", "decode", "time_embedding_of"):
         if not hasattr(unet, attr):
             raise ValueError(f"unet must be a jaxdiff UNet2DConditionModel (needs {attr!r}), "
@@ -228,7 +251,8 @@ def encoder_propagation(unet, solver, x_T, *, cond, uncond=None, guidance_scale=
     dynamic, spec = partition(((graphdef, state), solver, cond, uncond))
     x0 = _run(dynamic, x_T, rand, jnp.float32(guidance_scale), jnp.float32(alpha),
               jnp.float32(injection_threshold), spec=spec, groups=groups,
-              mode=(rmode, alpha > 0), cfg=uncond is not None)
+              mode=(rmode, alpha > 0), cfg=uncond is not None,
+              chunk=None if decode_chunk is None else int(decode_chunk))
     stats = PropagationStats(encoder_calls=len(ks), decoder_evaluations=n, num_steps=n,
                              key_steps=ks, groups=tuple(g for _, g in groups))
     return x0, stats
