@@ -76,16 +76,6 @@ def jaxdiff_solver(schedule: dict, solver: str, steps: int):
     return solvers.make(SOLVERS[solver], solver_config(schedule, solver), steps)
 
 
-def network_timesteps(noise_schedule, t) -> list:
-    """Continuous TimeTuner times [K] -> the times the network sees (0..999 for a discrete
-    1000-step model: 1000 (t - 1/N)), rounded to 1e-6 so grid points print as integers."""
-    import numpy as np
-
-    from tuning.wrapper import model_input_time
-    ts = np.asarray(model_input_time(noise_schedule, np.asarray(t, np.float64)), np.float64)
-    return [float(v) for v in np.round(ts, 6)]
-
-
 def output_paths(out) -> tuple:
     """--out -> (ratios JSON, loss CSV, PNG)."""
     out = Path(out)
@@ -360,8 +350,7 @@ def tune_main(args) -> int:
     target = jaxdiff_solver(pipe.schedule, args.solver, args.steps)
     target_ts = np.asarray(target.timesteps, np.float64)
     # DDIM: TimeTuner's reference grid (= target_ts); DPM-Solver++: the jaxdiff solver's grid
-    kwargs = ({} if args.solver == "ddim" else
-              {"solver": args.solver, "timesteps": target_ts})
+    kwargs = {} if args.solver == "ddim" else {"timesteps": target_ts}
     print(f"TimeTuner: {args.model}, {args.solver} K={args.steps}, {args.tune_type}, "
           f"{args.iters} iterations x batch {args.batch}, lr {args.lr:g}", flush=True)
     t0 = time.perf_counter()
@@ -370,23 +359,14 @@ def tune_main(args) -> int:
             batches, args.steps, tune_type=args.tune_type, lr=args.lr,
             total_iters=args.iters, key=jax.random.key(args.seed),
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-            callback=bar, verbose=False, **kwargs)
-    except (TypeError, ValueError, NonFiniteLossError) as e:
+            callback=bar, verbose=False, solver=args.solver, **kwargs)
+    except (ValueError, NonFiniteLossError) as e:
         bar.close()
-        if isinstance(e, NonFiniteLossError):
-            return fail(e, code=1)
-        if isinstance(e, TypeError):
-            if kwargs and "solver" in str(e):
-                return fail(f"--solver {args.solver} is not supported by this version of "
-                            f"tuning.TimeTuner.optimize_timesteps ({e})")
-            raise
-        return fail(e)
+        return fail(e, code=1 if isinstance(e, NonFiniteLossError) else 2)
     bar.close(done=total if log.get("resumed_from") == total else None)
     seconds = time.perf_counter() - t0
 
-    meta = dict(log["meta"])
-    meta["timesteps"] = network_timesteps(tuner.noise_schedule, log["t"])   # rounded
-    meta.setdefault("solver", args.solver)
+    meta = dict(log["meta"])          # its "timesteps" are the network-unit grid
     if not np.allclose(meta["timesteps"], target_ts, rtol=0, atol=1e-3):
         return fail(f"the tuned grid {meta['timesteps']} is not the timesteps "
                     f"{target_ts.tolist()} of jaxdiff's {SOLVERS[args.solver]} solver "

@@ -92,6 +92,11 @@ def predict_noise(model_fn, x, t, condition=None, uncond_condition=None):
     return model_fn(x, t, condition, uncond_condition)
 
 
+def data_prediction(noise_schedule: NoiseScheduleVP, x, eps, t):
+    """x0 predicted from x at time t and its predicted noise: (x - sigma_t eps) / alpha_t."""
+    return (x - noise_schedule.marginal_std(t) * eps) / noise_schedule.marginal_alpha(t)
+
+
 def ddim_update(noise_schedule: NoiseScheduleVP, x, eps, t, s, eta=0.0, noise=None):
     """The DDIM move from time t to s < t given predicted noise eps -> (x_s, x0_pred).
 
@@ -101,7 +106,7 @@ def ddim_update(noise_schedule: NoiseScheduleVP, x, eps, t, s, eta=0.0, noise=No
     ns = noise_schedule
     a_t, a_s = ns.marginal_alpha(t), ns.marginal_alpha(s)
     sig_t, sig_s = ns.marginal_std(t), ns.marginal_std(s)
-    x0_pred = (x - sig_t * eps) / a_t
+    x0_pred = data_prediction(ns, x, eps, t)
     if noise is None:
         return a_s * x0_pred + sig_s * eps, x0_pred
     std = eta * (sig_s / sig_t) * jnp.sqrt(1.0 - jnp.square(a_t / a_s))
@@ -201,10 +206,9 @@ def dpmpp_step(model_fn, noise_schedule, x, t, s, ratio=1.0, x0_prev=None, t_pre
                second=False, condition=None, uncond_condition=None):
     """One tuned DPM-Solver++ step: the network at ratio * t, the update with the
     coefficients of t and s. -> (x_s, x0_pred); x0_pred is the next step's history."""
-    ns = noise_schedule
     eps = predict_noise(model_fn, x, ratio * t, condition, uncond_condition)
-    x0_pred = (x - ns.marginal_std(t) * eps) / ns.marginal_alpha(t)
-    return dpmpp_update(ns, x, x0_pred, t, s, x0_prev, t_prev, second), x0_pred
+    x0_pred = data_prediction(noise_schedule, x, eps, t)
+    return dpmpp_update(noise_schedule, x, x0_pred, t, s, x0_prev, t_prev, second), x0_pred
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "intermediates"))

@@ -36,7 +36,7 @@ import optax
 
 from jaxdiff.sampling.pytree import combine, partition
 from tuning.checkpoint import RunCheckpoints
-from tuning.sampler import (SOLVERS, TRACE_COUNTS, check_solver, ddim_loop, ddim_step,
+from tuning.sampler import (TRACE_COUNTS, check_solver, data_prediction, ddim_loop, ddim_step,
                             dpm_orders, dpmpp_loop, dpmpp_step, predict_noise, time_grid)
 from tuning.schedule import NoiseScheduleVP
 from tuning.wrapper import model_input_time
@@ -52,6 +52,11 @@ class NonFiniteLossError(FloatingPointError):
 # ------------------------------------------------------------------------------ the loss
 def _flat_sq_mean(a):  # [B, ...] -> scalar: sum over a sample, mean over the batch
     return jnp.mean(jnp.sum(jnp.square(a).reshape(a.shape[0], -1), axis=1))
+
+
+def _solver_orders(solver, k, order, lower_order_final) -> np.ndarray:
+    """[K] order of each step: DDIM is first order throughout."""
+    return dpm_orders(k, order if solver != "ddim" else 1, lower_order_final)
 
 
 def _solver_step(model_fn, ns, solver, x, t, s, ratio, x0_prev, t_prev, second, cond,
@@ -95,8 +100,7 @@ def _start_state(model_fn, ns, x0, noise, idx, ratios, t_cur, t_next, orders, co
             x_prev = ns.marginal_alpha(t_cur[j]) * x0 + ns.marginal_std(t_cur[j]) * noise
             eps_prev = predict_noise(model_fn, x_prev.astype(x0.dtype), ratios[j] * t_cur[j],
                                      cond, uncond)
-            x0_prev = (x_prev - ns.marginal_std(t_cur[j]) * eps_prev) / ns.marginal_alpha(
-                t_cur[j])
+            x0_prev = data_prediction(ns, x_prev, eps_prev, t_cur[j])
     x = jax.lax.stop_gradient(x.astype(x0.dtype))
     x0_prev = (jax.lax.stop_gradient(x0_prev.astype(x0.dtype)) if multistep else None)
     target = predict_noise(model_fn, x, t_cur[idx], cond, uncond)
@@ -230,6 +234,13 @@ def _key_data(key) -> list:
     return np.asarray(key).ravel().tolist()
 
 
+def _with_intermediates(x, out, traj):
+    """(out, {'x_t', 'x0_pred'}: [K + 1, B, ...], entry 0 being the start x)."""
+    xs, x0s = traj
+    return out, {"x_t": jnp.concatenate([x[None], xs]),
+                 "x0_pred": jnp.concatenate([x[None], x0s])}
+
+
 # ------------------------------------------------------------------------------ the class
 class TimeTuner:
     """Sample with DDIM at tuned times, and learn the tuning ratios.
@@ -299,11 +310,7 @@ class TimeTuner:
         out, traj = ddim_loop(self._model, self.noise_schedule, x, t, t_next, ratios, eta,
                               key, condition, uncond_condition,
                               intermediates=return_intermediates)
-        if not return_intermediates:
-            return out
-        xs, x0s = traj
-        return out, {"x_t": jnp.concatenate([x[None], xs]),
-                     "x0_pred": jnp.concatenate([x[None], x0s])}
+        return _with_intermediates(x, out, traj) if return_intermediates else out
 
     def dpm_solver_sample(self, x, num_steps=None, timesteps=None, t_ratios=None, order=2,
                           lower_order_final=True, condition=None, uncond_condition=None,
@@ -325,11 +332,7 @@ class TimeTuner:
         orders = dpm_orders(t.shape[0], order, lower_order_final)
         out, traj = dpmpp_loop(self._model, self.noise_schedule, x, t, t_next, ratios, orders,
                                condition, uncond_condition, intermediates=return_intermediates)
-        if not return_intermediates:
-            return out
-        xs, x0s = traj
-        return out, {"x_t": jnp.concatenate([x[None], xs]),
-                     "x0_pred": jnp.concatenate([x[None], x0s])}
+        return _with_intermediates(x, out, traj) if return_intermediates else out
 
     def sample(self, x, num_steps=None, timesteps=None, t_ratios=None, solver="ddim",
                order=2, lower_order_final=True, **kwargs):
@@ -357,8 +360,7 @@ class TimeTuner:
         check_solver(solver, order)
         t, t_next = self.get_time_grid(num_steps, timesteps, grid)
         ratios = self._ratios_for(t_ratios, t.shape[0], t.dtype)
-        orders = jnp.asarray(dpm_orders(t.shape[0], order if solver != "ddim" else 1,
-                                        lower_order_final))
+        orders = jnp.asarray(_solver_orders(solver, t.shape[0], order, lower_order_final))
         x0 = jnp.asarray(x0)
         x_t, x0_prev, target = _start_state(
             self._model, self.noise_schedule, x0, jnp.asarray(noise, x0.dtype), idx, ratios,
@@ -438,7 +440,7 @@ class TimeTuner:
         sequential = tune_type == "sequential"
         total = m * total_iters if sequential else total_iters
 
-        orders_np = dpm_orders(k, order if solver != "ddim" else 1, lower_order_final)
+        orders_np = _solver_orders(solver, k, order, lower_order_final)
         orders = jnp.asarray(orders_np)
         meta = {"method": "TimeTuner " + ("DDIM" if solver == "ddim" else
                                           f"DPM-Solver++ (order {order})"),
