@@ -60,14 +60,24 @@ class ModelFn:
                    class_labels=cat(self.uncond_class_labels, self.class_labels),
                    added_cond=added).astype(jnp.float32)
         uncond_out, cond_out = jnp.split(out, 2, axis=0)
-        guided = uncond_out + self.guidance_scale * (cond_out - uncond_out)
-        axes = tuple(range(1, guided.ndim))
-        std_cond = jnp.std(cond_out, axis=axes, keepdims=True)
-        std_guided = jnp.std(guided, axis=axes, keepdims=True)
-        rescaled = guided * (std_cond / std_guided)
-        r = self.guidance_rescale
-        guided = jnp.where(r > 0, r * rescaled + (1 - r) * guided, guided)
+        guided = guide(uncond_out, cond_out, self.guidance_scale, self.guidance_rescale)
         return guided.astype(x.dtype)
+
+
+def guide(uncond_out, cond_out, guidance_scale, guidance_rescale=None):
+    """Classifier-free guidance of two [B, ...] predictions: u + s (c - u), then, with
+    ``guidance_rescale`` r > 0 (traced, may be None), the zero-terminal-SNR fix of Lin et
+    al. (2023) that pulls the guided per-sample std back towards the conditional one.
+    The only copy of the formula: every driver and the tuner's wrapper call it."""
+    guided = uncond_out + guidance_scale * (cond_out - uncond_out)
+    if guidance_rescale is None:
+        return guided
+    axes = tuple(range(1, guided.ndim))
+    std_cond = jnp.std(cond_out, axis=axes, keepdims=True)
+    std_guided = jnp.std(guided, axis=axes, keepdims=True)
+    rescaled = guided * (std_cond / std_guided)
+    r = guidance_rescale
+    return jnp.where(r > 0, r * rescaled + (1 - r) * guided, guided)
 
 
 def classifier_free(unet: nnx.Module, cond, uncond=None, guidance_scale=7.5, *,

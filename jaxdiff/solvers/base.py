@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.schedule_files import load_ratios
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -88,7 +90,6 @@ class Solver:
         """
         meta = {}
         if isinstance(ratios, (str, bytes)) or hasattr(ratios, "__fspath__"):
-            from tuning.artifacts import load_ratios
             ratios, meta = load_ratios(ratios)
         r = np.asarray(ratios, np.float64)
         ts = np.asarray(self.timesteps, np.float64)
@@ -106,6 +107,18 @@ class Solver:
                                  f"{want.tolist()}, but the solver's timesteps are "
                                  f"{ts.tolist()} (same solver, steps and spacing needed)")
         return dataclasses.replace(self, timesteps=f32(r * (ts + 1.0) - 1.0))
+
+    def with_network_times(self, times) -> "Solver":
+        """This solver with the network asked at ``times`` [num_steps] (in the network's
+        units) while every update keeps its coefficients. ``times`` may be traced: this is
+        how TimeTuner's ratios (and gradients with respect to them) enter ``jaxdiff.sample``."""
+        times = jnp.asarray(times)
+        if times.shape != (self.num_steps,):
+            raise ValueError(f"{type(self).__name__}: network times must have shape "
+                             f"[num_steps] = ({self.num_steps},), got {tuple(times.shape)}")
+        if not jnp.issubdtype(times.dtype, jnp.floating):
+            times = times.astype(jnp.float32)
+        return dataclasses.replace(self, timesteps=times)
 
     def __len__(self):
         return self.num_steps
