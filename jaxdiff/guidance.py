@@ -41,27 +41,78 @@ class ModelFn:
     added_cond: Optional[dict] = None      # SDXL: {'text_embeds', 'time_ids'}, cond half
     uncond_added_cond: Optional[dict] = None
 
+    # the per-sample conditioning: what a mesh's "prompts" axis splits
+    BATCH_FIELDS = ("cond", "uncond", "class_labels", "uncond_class_labels", "added_cond",
+                    "uncond_added_cond")
+
     @property
     def unet(self):
         return nnx.merge(self.graphdef, self.state)
 
-    def __call__(self, x, t):  # x [N, H, W, C], t [N] -> [N, H, W, C]
-        unet = self.unet
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
+    def map_batch(self, f) -> "ModelFn":
+        """This model function with ``f`` applied to every per-sample conditioning field."""
+        return dataclasses.replace(self, **{k: f(getattr(self, k)) for k in self.BATCH_FIELDS
+                                            if getattr(self, k) is not None})
+
+    def _network_inputs(self, copies: int = 1):
+        """Conditioning of the network batch (uncond half first with guidance), repeated
+        ``copies`` times step-major -> (context, class_labels, added_cond)."""
+        cat = lambda a, b: None if a is None else jax.tree.map(  # noqa: E731
+            lambda u, v: jnp.concatenate([u, v], 0), a, b)
         if self.uncond is None:
-            return unet(x, t, self.cond, class_labels=self.class_labels,
-                        added_cond=self.added_cond).astype(x.dtype)
-        cat = lambda a, b: None if a is None else jnp.concatenate([a, b], 0)  # noqa: E731
-        added = None
-        if self.added_cond is not None:
-            added = {k: cat(self.uncond_added_cond[k], v) for k, v in self.added_cond.items()}
-        out = unet(jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0),
-                   jnp.concatenate([self.uncond, self.cond], 0),
-                   class_labels=cat(self.uncond_class_labels, self.class_labels),
-                   added_cond=added).astype(jnp.float32)
-        uncond_out, cond_out = jnp.split(out, 2, axis=0)
-        guided = guide(uncond_out, cond_out, self.guidance_scale, self.guidance_rescale)
-        return guided.astype(x.dtype)
+            ctx, labels, added = self.cond, self.class_labels, self.added_cond
+        else:
+            ctx = cat(self.uncond, self.cond)
+            labels = cat(self.uncond_class_labels, self.class_labels)
+            added = cat(self.uncond_added_cond, self.added_cond)
+        rep = lambda tree: None if tree is None else jax.tree.map(  # noqa: E731
+            lambda a: jnp.concatenate([a] * copies, 0) if copies > 1 else a, tree)
+        return rep(ctx), rep(labels), rep(added)
+
+    @property
+    def halves(self) -> int:
+        return 1 if self.uncond is None else 2
+
+    def _guided(self, out, dtype):  # [m * B, ...] network outputs -> [B, ...] prediction
+        if self.uncond is None:
+            return out.astype(dtype)
+        uncond_out, cond_out = jnp.split(out.astype(jnp.float32), 2, axis=0)
+        return guide(uncond_out, cond_out, self.guidance_scale,
+                     self.guidance_rescale).astype(dtype)
+
+    def encode(self, x, t):
+        """The UNet encoder at x [B, ...], t [B] (both guidance halves in one batch) ->
+        ``Encoded`` features of the network batch, for ``decode_many``."""
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
+        ctx, labels, added = self._network_inputs()
+        m = self.halves
+        return self.unet.encode(jnp.concatenate([x] * m, 0) if m > 1 else x,
+                                jnp.concatenate([t] * m, 0) if m > 1 else t, ctx,
+                                class_labels=labels, added_cond=added)
+
+    def decode_many(self, features, ts, dtype=jnp.float32):
+        """Decode ``features`` (from ``encode``) at each of the times ts [g] in one batched
+        decoder call -> [g, B, ...] guided predictions (FasterDiffusion's parallel decoding:
+        the skips and mid output are reused, the time embedding is step i's own)."""
+        unet = self.unet
+        g = ts.shape[0]
+        nb = features.mid.shape[0]                       # m * B
+        ctx, labels, added = self._network_inputs(g)
+        rep = lambda a: jnp.concatenate([a] * g, 0) if g > 1 else a  # noqa: E731
+        emb = unet.time_embedding_of(jnp.repeat(jnp.asarray(ts, jnp.float32), nb), g * nb,
+                                     labels, added)
+        out = unet.decode(tuple(rep(s) for s in features.skips), rep(features.mid), emb, ctx)
+        out = out.reshape((g, nb) + out.shape[1:])
+        return jax.vmap(lambda o: self._guided(o, dtype))(out)
+
+    def __call__(self, x, t):  # x [N, H, W, C], t [N] -> [N, H, W, C]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
+        ctx, labels, added = self._network_inputs()
+        m = self.halves
+        out = self.unet(jnp.concatenate([x] * m, 0) if m > 1 else x,
+                        jnp.concatenate([t] * m, 0) if m > 1 else t, ctx,
+                        class_labels=labels, added_cond=added)
+        return self._guided(out, x.dtype)
 
 
 def guide(uncond_out, cond_out, guidance_scale, guidance_rescale=None):

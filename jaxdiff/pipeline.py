@@ -21,6 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdiff import solvers
+from jaxdiff.guidance import classifier_free
+from jaxdiff.images import image_grid, to_pil
+from jaxdiff.models.attention import set_attention
+from jaxdiff.models.vae import tiled_decode
+from jaxdiff.sampling import as_sampler, run
+
 OUTPUT_TYPES = ("np", "pil", "latent")
 
 
@@ -46,7 +53,6 @@ class StableDiffusionPipeline:
 
     def __post_init__(self):
         self._jitted = {}
-        self.last_stats = None     # ParaDiGMS stats of the last sampler="paradigms" call
 
     # ----------------------------------------------------------------- properties
     @property
@@ -58,8 +64,6 @@ class StableDiffusionPipeline:
         return self.unet.config.in_channels
 
     def set_attention(self, impl=None, *, fuse_qkv: bool = False) -> "StableDiffusionPipeline":
-        from jaxdiff.models.attention import set_attention
-
         for m in (self.unet, self.vae):
             set_attention(m, impl, fuse_qkv=fuse_qkv)
         self._jitted.clear()
@@ -90,7 +94,7 @@ class StableDiffusionPipeline:
         def decode(vae, z):
             z = z / scale + shift
             if self.vae_tiling:
-                img = _tiled_decode(vae, z, self.vae_tile_latent, self.vae_tile_overlap)
+                img = tiled_decode(vae, z, self.vae_tile_latent, self.vae_tile_overlap)
             elif self.vae_slicing:
                 img = jax.lax.map(lambda zi: vae.decode(zi[None])[0], z)
             else:
@@ -119,8 +123,6 @@ class StableDiffusionPipeline:
 
     # ----------------------------------------------------------------- sampling
     def make_solver(self, solver, num_inference_steps: int):
-        from jaxdiff import solvers
-
         if num_inference_steps is None or int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got "
                              f"{num_inference_steps!r}")
@@ -137,27 +139,28 @@ class StableDiffusionPipeline:
         shape = (height // f, width // f, self.latent_channels)
         return jnp.stack([jax.random.normal(jax.random.key(int(s)), shape) for s in seeds])
 
-    def __call__(self, prompt=None, negative_prompt=None, *, height: Optional[int] = None,
+    def __call__(self, *args, **kwargs):
+        """Generate images: ``generate(...)``'s output without the sampler's stats."""
+        return self.generate(*args, **kwargs)[0]
+
+    def generate(self, prompt=None, negative_prompt=None, *, height: Optional[int] = None,
                  width: Optional[int] = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  num_images_per_prompt: int = 1, seed=0, latents=None, noise=None,
                  solver=None, prompt_embeds=None, negative_prompt_embeds=None,
-                 output_type: str = "np", progress: bool = False, sampler: str = "sequential",
-                 parallel: int = 16, tolerance: float = 0.1, mesh=None, ratios=None,
-                 sampler_options: Optional[dict] = None):
-        """Generate images. ``seed``: an int (image j uses seed + j) or one int per image.
+                 output_type: str = "np", progress: bool = False, sampler="sequential",
+                 ratios=None, sampler_options: Optional[dict] = None):
+        """Generate images -> (images or latents, the sampler's stats).
+        ``seed``: an int (image j uses seed + j) or one int per image.
         ``latents``: standard-normal x_T [N, h, w, C] (NHWC) instead of seeds.
-        ``sampler``: "sequential" (``jaxdiff.sample``), "faster" (FasterDiffusion encoder
-        propagation, ``jaxdiff.sampling.encoder_propagation``) or "paradigms" (``jaxdiff.paradigms``
-        with ``parallel``, ``tolerance`` and optionally a device ``mesh``; its stats are left
-        in ``self.last_stats``). ``sampler_options``: further keyword arguments of the driver
-        (e.g. ``chunk`` for ParaDiGMS). ``ratios``: TimeTuner ratios (array or ratios JSON
-        path) applied to the solver (``Solver.with_ratios``)."""
-        from jaxdiff.guidance import classifier_free
-
+        ``sampler``: a sampler value (``jaxdiff.sampling.Sequential()``, ``Picard(parallel=16,
+        tolerance=0.1, mesh=...)``, ``EncoderPropagation(key_steps="paper")``) or a shorthand
+        name ("sequential", "paradigms", "faster") whose fields come from
+        ``sampler_options``. ``ratios``: TimeTuner ratios (array or ratios JSON path) applied
+        to the solver (``Solver.with_ratios``)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        check_sampler(sampler)
+        sampler = as_sampler(sampler, **dict(sampler_options or {}))
         f = self.vae_scale_factor
         default = (self.unet.config.sample_size or 64) * f
         height = default if height is None else int(height)
@@ -205,16 +208,13 @@ class StableDiffusionPipeline:
         model_fn = classifier_free(self.unet, cond, uncond, guidance_scale if do_cfg else 1.0,
                                    guidance_rescale=guidance_rescale)
         with self._precision():
-            x0, self.last_stats = run_sampler(sampler, model_fn, solver, latents, noise=noise,
-                                              progress=progress, parallel=parallel,
-                                              tolerance=tolerance, mesh=mesh,
-                                              options=sampler_options)
+            x0, stats = run(sampler, model_fn, solver, latents, noise=noise, progress=progress)
         if output_type == "latent":
-            return x0
+            return x0, stats
         images = self.decode_latents(x0)
         if output_type == "pil":
-            return to_pil(images)
-        return np.asarray(images)
+            return to_pil(images), stats
+        return np.asarray(images), stats
 
     def _embeddings(self, prompt, embeds, what):
         if embeds is not None:
@@ -229,120 +229,4 @@ class StableDiffusionPipeline:
         return self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt))
 
 
-def _ramp(n: int, overlap: int, lo: bool, hi: bool) -> np.ndarray:
-    """Blend weights along one axis of a tile: linear ramps on the sides shared with a
-    neighbouring tile, 1 elsewhere (normalised by the weight sum after accumulation)."""
-    w = np.ones(n, np.float32)
-    if overlap > 0:
-        ramp = (np.arange(overlap, dtype=np.float32) + 1) / (overlap + 1)
-        if lo:
-            w[:overlap] *= ramp
-        if hi:
-            w[-overlap:] *= ramp[::-1]
-    return w
-
-
-def _tiled_decode(vae, z, tile: int, overlap_frac: float):
-    """Decode overlapping latent tiles and blend the seams: peak activation memory is one
-    tile's whatever the image size. Like diffusers' tiling it is an approximation near the
-    seams (each tile sees only its own context)."""
-    n, h, w, _ = z.shape
-    f = vae.config.downsample_factor
-    if h <= tile and w <= tile:
-        return vae.decode(z).astype(jnp.float32)
-    overlap = max(int(tile * overlap_frac), 1)
-    stride = tile - overlap
-
-    def starts(size):
-        if size <= tile:
-            return [0]
-        return sorted({min(s, size - tile) for s in range(0, size - overlap, stride)})
-
-    out = jnp.zeros((n, h * f, w * f, vae.config.out_channels), jnp.float32)
-    total = jnp.zeros((1, h * f, w * f, 1), jnp.float32)
-    for y in starts(h):
-        for x in starts(w):
-            th, tw = min(tile, h - y), min(tile, w - x)
-            img = vae.decode(z[:, y:y + th, x:x + tw]).astype(jnp.float32)
-            wy = _ramp(th * f, overlap * f, y > 0, y + th < h)
-            wx = _ramp(tw * f, overlap * f, x > 0, x + tw < w)
-            wgt = jnp.asarray(wy[:, None] * wx[None, :])[None, :, :, None]
-            out = out.at[:, y * f:(y + th) * f, x * f:(x + tw) * f].add(img * wgt)
-            total = total.at[:, y * f:(y + th) * f, x * f:(x + tw) * f].add(wgt)
-    return out / total
-
-
-def to_pil(images):
-    """[N, H, W, C] floats in [0, 1] -> list of PIL images."""
-    from PIL import Image
-
-    arr = np.asarray(np.clip(np.asarray(images, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
-
-
-SAMPLERS = ("sequential", "paradigms", "faster")
-
-
-def check_sampler(sampler):
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-
-
-def run_sampler(sampler, model_fn, solver, x_T, *, noise=None, key=None, progress=False,
-                parallel=16, tolerance=0.1, mesh=None, options: Optional[dict] = None):
-    """-> (x_0, stats or None): the driver a pipeline's ``sampler=`` option names;
-    ``options``: extra keyword arguments for that driver."""
-    from jaxdiff.sampling import paradigms, sample
-
-    check_sampler(sampler)
-    options = dict(options or {})
-    rand = {"noise": noise} if noise is not None else {"key": key}
-    if sampler == "paradigms":
-        return paradigms(model_fn, solver, x_T, parallel=parallel, tolerance=tolerance,
-                         mesh=mesh, progress=progress, **rand, **options)
-    if sampler == "faster":
-        return faster_from_model_fn(model_fn, solver, x_T, rand, options)
-    if options:
-        raise ValueError(f"the sequential sampler takes no options, got {sorted(options)}")
-    return sample(model_fn, solver, x_T, progress=progress, **rand), None
-
-
-def faster_from_model_fn(model_fn, solver, x_T, rand, options):
-    """FasterDiffusion encoder propagation for a ``jaxdiff.guidance`` model function:
-    its UNet, conditioning and guidance scale; ``options`` are ``encoder_propagation``'s
-    (``key_steps`` defaults to the paper's list for 50 / 20 steps, else every 5th step)."""
-    from jaxdiff.guidance import ModelFn
-    from jaxdiff.sampling import encoder_propagation
-    from jaxdiff.sampling.encoder_propagation import PAPER_KEY_STEPS
-
-    if not isinstance(model_fn, ModelFn):
-        raise ValueError("sampler='faster' needs a jaxdiff.guidance model function")
-    if model_fn.guidance_rescale is not None and float(model_fn.guidance_rescale) > 0:
-        raise ValueError("sampler='faster' does not implement guidance_rescale")
-    options = dict(options)
-    options.setdefault("key_steps", "paper" if solver.num_steps in PAPER_KEY_STEPS else 5)
-    cond = {"encoder_hidden_states": model_fn.cond, "class_labels": model_fn.class_labels,
-            "added_cond": model_fn.added_cond}
-    uncond = None
-    if model_fn.uncond is not None:
-        uncond = {"encoder_hidden_states": model_fn.uncond,
-                  "class_labels": model_fn.uncond_class_labels,
-                  "added_cond": model_fn.uncond_added_cond}
-    scale = 1.0 if model_fn.guidance_scale is None else model_fn.guidance_scale
-    return encoder_propagation(model_fn.unet, solver, x_T, cond=cond, uncond=uncond,
-                               guidance_scale=scale, **rand, **options)
-
-
-def image_grid(images, rows: int, cols: int):
-    """Tile [N, H, W, C] images (N <= rows * cols) into one PIL image."""
-    from PIL import Image
-
-    arr = np.asarray(images, np.float32)
-    n, h, w, c = arr.shape
-    if n > rows * cols:
-        raise ValueError(f"{n} images do not fit a {rows}x{cols} grid")
-    grid = np.ones((rows * h, cols * w, c), np.float32)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = arr[i]
-    return to_pil(grid[None])[0]
+__all__ = ["OUTPUT_TYPES", "StableDiffusionPipeline", "image_grid", "to_pil"]

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxdiff.models.attention import Attention
@@ -223,3 +224,47 @@ class AutoencoderKL(nnx.Module):
         dist = self.encode(images)
         z = dist.sample(key) if key is not None else dist.mode()
         return self.decode(z)
+
+
+# ----------------------------------------------------------------------------- tiling
+def _ramp(n: int, overlap: int, lo: bool, hi: bool) -> np.ndarray:
+    """Blend weights along one axis of a tile: linear ramps on the sides shared with a
+    neighbouring tile, 1 elsewhere (normalised by the weight sum after accumulation)."""
+    w = np.ones(n, np.float32)
+    if overlap > 0:
+        ramp = (np.arange(overlap, dtype=np.float32) + 1) / (overlap + 1)
+        if lo:
+            w[:overlap] *= ramp
+        if hi:
+            w[-overlap:] *= ramp[::-1]
+    return w
+
+
+def tiled_decode(vae, z, tile: int, overlap_frac: float):
+    """Decode overlapping latent tiles and blend the seams: peak activation memory is one
+    tile's whatever the image size. Like diffusers' tiling it is an approximation near the
+    seams (each tile sees only its own context)."""
+    n, h, w, _ = z.shape
+    f = vae.config.downsample_factor
+    if h <= tile and w <= tile:
+        return vae.decode(z).astype(jnp.float32)
+    overlap = max(int(tile * overlap_frac), 1)
+    stride = tile - overlap
+
+    def starts(size):
+        if size <= tile:
+            return [0]
+        return sorted({min(s, size - tile) for s in range(0, size - overlap, stride)})
+
+    out = jnp.zeros((n, h * f, w * f, vae.config.out_channels), jnp.float32)
+    total = jnp.zeros((1, h * f, w * f, 1), jnp.float32)
+    for y in starts(h):
+        for x in starts(w):
+            th, tw = min(tile, h - y), min(tile, w - x)
+            img = vae.decode(z[:, y:y + th, x:x + tw]).astype(jnp.float32)
+            wy = _ramp(th * f, overlap * f, y > 0, y + th < h)
+            wx = _ramp(tw * f, overlap * f, x > 0, x + tw < w)
+            wgt = jnp.asarray(wy[:, None] * wx[None, :])[None, :, :, None]
+            out = out.at[:, y * f:(y + th) * f, x * f:(x + tw) * f].add(img * wgt)
+            total = total.at[:, y * f:(y + th) * f, x * f:(x + tw) * f].add(wgt)
+    return out / total

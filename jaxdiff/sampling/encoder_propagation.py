@@ -14,8 +14,14 @@ sigma-scaled solvers (Euler, Heun, LMS) the latent receives alpha x_T sqrt(sigma
 the same perturbation as for DDIM.
 
 With every step a key step and injection off this is exactly sequential sampling. The whole
-sample is one ``jax.jit`` program; the groups are unrolled (their sizes are static shapes),
-so compile time grows with the number of groups, not with the number of steps.
+sample is one ``jax.jit`` program: a ``lax.scan`` over the groups whose body runs the encoder
+once and, through ``lax.switch``, one decoder branch per distinct decoder batch (group size,
+or ``decode_chunk``), so the program compiles the encoder once and the decoder once per
+distinct size, however many groups there are.
+
+The model function is a ``jaxdiff.guidance`` model function (or anything with the same
+``encode(x, t)`` and ``decode_many(features, ts)``): guidance, guidance_rescale and the
+conditioning live there, as for every other driver.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
+from jaxdiff.guidance import classifier_free
+from jaxdiff.sampling import prelude
+from jaxdiff.sampling import progress as prog
 from jaxdiff.sampling.pytree import combine, partition
 
 # The paper's key steps (step indices) for DDIM-50 and DPM-Solver-20.
@@ -92,170 +99,160 @@ class PropagationStats:
     groups: tuple
 
 
-def _conditioning(c, name):
-    if c is None:
-        return None
-    if isinstance(c, Mapping):
-        unknown = set(c) - {"encoder_hidden_states", "class_labels", "added_cond"}
-        if unknown:
-            raise ValueError(f"{name}: unknown conditioning keys {sorted(unknown)}; use "
-                             "encoder_hidden_states, class_labels, added_cond")
-        if "encoder_hidden_states" not in c:
-            raise ValueError(f"{name} needs 'encoder_hidden_states'")
-        return {k: (jax.tree.map(jnp.asarray, v) if v is not None else None)
-                for k, v in c.items()}
-    return {"encoder_hidden_states": jnp.asarray(c)}
+def _groups(key_steps, n: int, chunk):
+    """-> (groups [(start, size, branch)], branch chunk sizes): each group's steps are decoded
+    ``branch chunk`` at a time (the whole group when ``chunk`` is None)."""
+    bounds = list(key_steps) + [n]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    per_group = [g if chunk is None else min(chunk, g) for g in sizes]
+    branches = tuple(sorted(set(per_group)))
+    return tuple((a, g, branches.index(c)) for a, g, c in zip(bounds, sizes, per_group)), branches
 
 
-def _cat(a, b):
-    if a is None:
-        return None
-    return jax.tree.map(lambda u, v: jnp.concatenate([u, v], 0), a, b)
-
-
-def _repeat(tree, g):
-    """[B, ...] -> [g * B, ...] (step-major)."""
-    return jax.tree.map(lambda a: jnp.concatenate([a] * g, 0) if g > 1 else a, tree)
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "groups", "mode", "cfg", "chunk"))
-def _run(dynamic, x_T, rand, guidance_scale, alpha, threshold, *, spec, groups, mode, cfg,
-         chunk):
-    graphdef, solver, cond, uncond = combine(dynamic, spec)
-    unet = nnx.merge(*graphdef) if isinstance(graphdef, tuple) else graphdef
+@functools.partial(jax.jit, static_argnames=("spec", "branches", "mode", "inject", "progress"))
+def _run(dynamic, x_T, rand, starts, sizes, branch_ids, alpha, threshold, *, spec, branches,
+         mode, inject, progress):
+    model_fn, solver = combine(dynamic, spec)
     n = solver.num_steps
     dtype = x_T.dtype
     x = (x_T * solver.init_noise_sigma).astype(dtype)
     ones = jnp.ones_like(x)
-
-    def inject(x, i):   # alpha * x_T in the model-input (VP) scale, mapped to the solver's
-        return (x + alpha * x_T / solver.scale_model_input(ones, i)).astype(dtype)
-    state = solver.init(x)
     timesteps = jnp.asarray(solver.timesteps, jnp.float32)
-    b = x.shape[0]
-    c = _cat(uncond, cond) if cfg else cond
-    ctx = c["encoder_hidden_states"]
-    labels, added = c.get("class_labels"), c.get("added_cond")
-    m = 2 if cfg else 1
-    keys = jax.random.split(rand, n) if mode[0] == "key" else None
-    for start, size in groups:
-        idx = list(range(start, start + size))
-        # the key step's latent, with injection applied as in sequential order
-        t0 = timesteps[start]
-        x = jnp.where(t0 < threshold, inject(x, start), x) if mode[1] else x
+
+    def injected(x, i):   # alpha * x_T in the model-input (VP) scale, mapped to the solver's
+        if not inject:
+            return x
+        new = (x + alpha * x_T / solver.scale_model_input(ones, i)).astype(dtype)
+        return jnp.where(timesteps[i] < threshold, new, x)
+
+    def solver_steps(x, state, start, size, first, outs, k):
+        """Steps start + first .. + k - 1 (those inside the group) with outputs [k, B, ...]."""
+        def one(carry, j):
+            x, state = carry
+            rel = first + j
+            i = jnp.minimum(start + rel, n - 1)
+            valid = rel < size
+            xi = jnp.where(rel > 0, injected(x, i), x)
+            eps = prelude.step_noise(mode, rand, i, x.shape, dtype)
+            x_new, state_new = solver.step(state, i, xi, outs[j].astype(dtype), eps)
+            keep = lambda a, b: jnp.where(valid, a, b)  # noqa: E731
+            return (keep(x_new, x), jax.tree.map(keep, state_new, state)), None
+
+        (x, state), _ = jax.lax.scan(one, (x, state), jnp.arange(k, dtype=jnp.int32))
+        return x, state
+
+    def make_branch(k):
+        def branch(features, x, state, start, size):
+            def chunk_body(c, carry):
+                x, state = carry
+                first = c * k
+                idx = jnp.minimum(start + first + jnp.arange(k, dtype=jnp.int32), n - 1)
+                outs = model_fn.decode_many(features, timesteps[idx])
+                return solver_steps(x, state, start, size, first, outs, k)
+
+            return jax.lax.fori_loop(0, (size + k - 1) // k, chunk_body, (x, state))
+        return branch
+
+    table = [make_branch(k) for k in branches]
+
+    def group(carry, inputs):
+        x, state = carry
+        start, size, b = inputs
+        x = injected(x, start)
         xin = solver.scale_model_input(x, start)
-        xin = jnp.concatenate([xin] * m, 0)
-        enc = unet.encode(xin, jnp.broadcast_to(t0, (m * b,)), ctx, class_labels=labels,
-                          added_cond=added)
-        ts = jnp.repeat(timesteps[jnp.asarray(idx)], m * b)                 # [size * m * b]
-        emb = unet.time_embedding_of(ts, size * m * b, _repeat(labels, size),
-                                     _repeat(added, size))
-        if chunk is None or chunk >= size:     # the group's steps in one decoder call
-            out = unet.decode(_repeat(enc.skips, size), _repeat(enc.mid, size), emb,
-                              _repeat(ctx, size)).astype(jnp.float32)
-            out = out.reshape((size, m * b) + out.shape[1:])
-        else:                                  # ``chunk`` steps per call, in a lax.map
-            emb = emb.reshape((size, m * b) + emb.shape[1:])
-            feats = (_repeat(enc.skips, chunk), _repeat(enc.mid, chunk), _repeat(ctx, chunk))
+        features = model_fn.encode(xin, jnp.broadcast_to(timesteps[start], (x.shape[0],)))
+        if len(table) == 1:
+            x, state = table[0](features, x, state, start, size)
+        else:
+            x, state = jax.lax.switch(b, table, features, x, state, start, size)
+        prog.report(progress, start + size, n)
+        return (x, state), None
 
-            def dec(e):  # [chunk, m * b, ...] time embeddings -> [chunk, m * b, ...]
-                o = unet.decode(*feats[:2], e.reshape((chunk * m * b,) + e.shape[2:]),
-                                feats[2]).astype(jnp.float32)
-                return o.reshape((chunk, m * b) + o.shape[1:])
-
-            pad = -size % chunk                # repeat the last step's embedding, drop after
-            emb = jnp.concatenate([emb] + [emb[-1:]] * pad, 0)
-            out = jax.lax.map(dec, emb.reshape((-1, chunk) + emb.shape[1:]))
-            out = out.reshape((size + pad,) + out.shape[2:])[:size]
-        for j, i in enumerate(idx):
-            if j > 0 and mode[1]:
-                x = jnp.where(timesteps[i] < threshold, inject(x, i), x)
-            o = out[j]
-            if cfg:
-                u, v = o[:b], o[b:]
-                o = u + guidance_scale * (v - u)
-            if mode[0] == "noise":
-                eps = rand[i].astype(dtype)
-            elif mode[0] == "key":
-                eps = jax.random.normal(keys[i], x.shape, dtype)
-            else:
-                eps = jnp.zeros_like(x)
-            x, state = solver.step(state, i, x, o.astype(dtype), eps)
+    (x, _), _ = jax.lax.scan(group, (x, solver.init(x)), (starts, sizes, branch_ids))
     return x
 
 
-def encoder_propagation(unet, solver, x_T, *, cond, uncond=None, guidance_scale=1.0,
-                        key_steps, noise_injection: float = 0.003,
+def encoder_propagation(model_fn, solver, x_T, *, key_steps, noise_injection: float = 0.003,
                         injection_threshold: float = 500, key: Optional[jax.Array] = None,
-                        noise: Optional[jax.Array] = None, decode_chunk: Optional[int] = None):
+                        noise: Optional[jax.Array] = None, decode_chunk: Optional[int] = None,
+                        progress=False, cond=None, uncond=None, guidance_scale=None):
     """Sample with FasterDiffusion encoder propagation -> (x_0, PropagationStats).
 
-    ``unet``: a jaxdiff ``UNet2DConditionModel`` (it needs ``encode``/``decode``).
-    ``cond`` / ``uncond``: the conditioning, either encoder hidden states [B, S, D] or a dict
-    with ``encoder_hidden_states`` and optionally ``class_labels`` [B] and ``added_cond``
-    (SDXL). With ``uncond``, classifier-free guidance at ``guidance_scale`` (both halves in
-    one batch). ``key_steps``: see ``key_step_schedule``. ``noise_injection``: alpha of the
-    prior noise injection (0 turns it off), applied before steps whose model time is below
-    ``injection_threshold``. ``key`` / ``noise``: randomness for stochastic solvers, as in
-    ``jaxdiff.sample`` (``noise`` [num_steps, *x_T.shape]).
+    ``model_fn``: a ``jaxdiff.guidance`` model function (``classifier_free(unet, ...)``; its
+    guidance scale, guidance_rescale and conditioning apply), or anything with its
+    ``encode(x, t)`` / ``decode_many(features, ts)``. For convenience a bare jaxdiff UNet
+    with ``cond`` / ``uncond`` (encoder hidden states [B, S, D], or dicts with
+    ``encoder_hidden_states``, ``class_labels``, ``added_cond``) and ``guidance_scale`` is
+    turned into one. ``key_steps``: see ``key_step_schedule``. ``noise_injection``: alpha of
+    the prior noise injection (0 turns it off), applied before steps whose model time is
+    below ``injection_threshold``. ``key`` / ``noise``: randomness for stochastic solvers,
+    the same rule as every driver (``jaxdiff.sampling.prelude``). ``progress``: as for
+    ``jaxdiff.sample`` (reported after every group).
     ``decode_chunk``: None decodes each group in one batched call (the paper's layout, best
-    on accelerators and for large models); an int k decodes k of the group's steps per call
-    in a ``lax.map``, which is faster on a CPU when the tensors are small (the features
-    are not copied group-size times). Same result either way.
+    on accelerators and for large models); an int k decodes k of the group's steps per call,
+    which is faster on a CPU when the tensors are small. Same result either way.
     """
     if decode_chunk is not None and (isinstance(decode_chunk, bool) or not isinstance(
             decode_chunk, numbers.Integral) or decode_chunk < 1):
         raise ValueError(f"decode_chunk must be None or a positive integer, got "
                          f"{decode_chunk!r}")
-    for attr in ("encode", "decode", "time_embedding_of"):
-        if not hasattr(unet, attr):
-            raise ValueError(f"unet must be a jaxdiff UNet2DConditionModel (needs {attr!r}), "
-                             f"got {type(unet).__name__}")
-    for attr in ("init", "step", "timesteps", "num_steps", "scale_model_input"):
-        if not hasattr(solver, attr):
-            raise ValueError(f"solver must be a jaxdiff solver, got {type(solver).__name__}")
-    x_T = jnp.asarray(x_T)
-    if x_T.ndim != 4 or not jnp.issubdtype(x_T.dtype, jnp.floating):
-        raise ValueError(f"x_T must be float latents [B, H, W, C], got shape "
-                         f"{tuple(x_T.shape)} dtype {x_T.dtype}")
+    if cond is not None or uncond is not None or guidance_scale is not None:
+        model_fn = _model_fn_from_unet(model_fn, cond, uncond, guidance_scale)
+    for attr in ("encode", "decode_many"):
+        if not hasattr(model_fn, attr):
+            raise ValueError(f"encoder propagation needs a model function that can run the "
+                             f"UNet's encoder and decoder (jaxdiff.guidance.classifier_free), "
+                             f"got {type(model_fn).__name__} without {attr!r}")
+    x_T, rand = prelude.prepare(model_fn, solver, x_T, key=key, noise=noise,
+                                driver="encoder_propagation", ndim=4)
     n = int(solver.num_steps)
     ks = key_step_schedule(key_steps, n)
-    bounds = list(ks) + [n]
-    groups = tuple((a, b - a) for a, b in zip(bounds, bounds[1:]))
-    cond = _conditioning(cond, "cond")
-    uncond = _conditioning(uncond, "uncond")
-    if cond is None:
-        raise ValueError("cond is required")
-    for name, c in (("cond", cond), ("uncond", uncond)):
-        if c is not None and c["encoder_hidden_states"].shape[0] != x_T.shape[0]:
-            raise ValueError(f"{name} has batch {c['encoder_hidden_states'].shape[0]}, x_T has "
-                             f"{x_T.shape[0]}")
-    if uncond is not None and set(k for k, v in uncond.items() if v is not None) != set(
-            k for k, v in cond.items() if v is not None):
-        raise ValueError("cond and uncond must carry the same keys")
     alpha = float(noise_injection)
     if not np.isfinite(alpha) or alpha < 0:
         raise ValueError(f"noise_injection must be >= 0, got {noise_injection!r}")
-    if key is not None and noise is not None:
-        raise ValueError("pass either key or noise, not both")
-    if noise is not None and tuple(np.shape(noise)) != (n,) + tuple(x_T.shape):
-        raise ValueError(f"noise must have shape [num_steps, *x_T.shape] = "
-                         f"{(n,) + tuple(x_T.shape)}, got {tuple(np.shape(noise))}")
-    stochastic = bool(getattr(solver, "stochastic", False))
-    if stochastic and key is None and noise is None:
-        raise ValueError(f"{type(solver).__name__} is stochastic: pass key= or noise=")
-    rmode, rand = "none", None
-    if stochastic:
-        rmode, rand = ("noise", jnp.asarray(noise)) if noise is not None else ("key", key)
-    graphdef, state = nnx.split(unet)
-    dynamic, spec = partition(((graphdef, state), solver, cond, uncond))
-    x0 = _run(dynamic, x_T, rand, jnp.float32(guidance_scale), jnp.float32(alpha),
-              jnp.float32(injection_threshold), spec=spec, groups=groups,
-              mode=(rmode, alpha > 0), cfg=uncond is not None,
-              chunk=None if decode_chunk is None else int(decode_chunk))
+    groups, branches = _groups(ks, n, None if decode_chunk is None else int(decode_chunk))
+    cols = [jnp.asarray([g[c] for g in groups], jnp.int32) for c in range(3)]
+    dynamic, spec = partition((model_fn, solver))
+    x0 = _run(dynamic, x_T, rand.value, *cols, jnp.float32(alpha),
+              jnp.float32(injection_threshold), spec=spec, branches=branches, mode=rand.mode,
+              inject=alpha > 0, progress=prog.resolve(progress, "encoder propagation"))
     stats = PropagationStats(encoder_calls=len(ks), decoder_evaluations=n, num_steps=n,
-                             key_steps=ks, groups=tuple(g for _, g in groups))
+                             key_steps=ks, groups=tuple(g for _, g, _ in groups))
     return x0, stats
+
+
+def _model_fn_from_unet(unet, cond, uncond, guidance_scale):
+    """The older call form: a UNet plus conditioning -> a guidance model function."""
+    if cond is None:
+        raise ValueError("cond is required with a bare UNet")
+    if not hasattr(unet, "encode") or not hasattr(unet, "time_embedding_of"):
+        raise ValueError(f"unet must be a jaxdiff UNet2DConditionModel, got "
+                         f"{type(unet).__name__}")
+
+    def parts(c, name):
+        if c is None:
+            return None
+        if isinstance(c, Mapping):
+            unknown = set(c) - {"encoder_hidden_states", "class_labels", "added_cond"}
+            if unknown:
+                raise ValueError(f"{name}: unknown conditioning keys {sorted(unknown)}; use "
+                                 "encoder_hidden_states, class_labels, added_cond")
+            if "encoder_hidden_states" not in c:
+                raise ValueError(f"{name} needs 'encoder_hidden_states'")
+            return c
+        return {"encoder_hidden_states": c}
+
+    c, u = parts(cond, "cond"), parts(uncond, "uncond")
+    u = u or {}
+    if uncond is not None and {k for k, v in u.items() if v is not None} != {
+            k for k, v in c.items() if v is not None}:
+        raise ValueError("cond and uncond must carry the same keys")
+    return classifier_free(unet, c["encoder_hidden_states"], u.get("encoder_hidden_states"),
+                           1.0 if guidance_scale is None else guidance_scale,
+                           class_labels=c.get("class_labels"),
+                           uncond_class_labels=u.get("class_labels"),
+                           added_cond=c.get("added_cond"),
+                           uncond_added_cond=u.get("added_cond"))
 
 
 __all__ = ["PAPER_KEY_STEPS", "PropagationStats", "encoder_propagation", "key_step_schedule"]

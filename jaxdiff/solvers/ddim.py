@@ -103,3 +103,51 @@ def build(cfg, num_inference_steps: int, eta: float = 0.0,
                 thresholding=bool(cfg["thresholding"]),
                 dynamic_thresholding_ratio=float(cfg["dynamic_thresholding_ratio"]),
                 sample_max_value=float(cfg["sample_max_value"]))
+
+
+def _vp_grid(noise_schedule, t, t_next, network_times):
+    """(t, t_next, timesteps) as arrays of the schedule's dtype; t, t_next [K] may be traced."""
+    dt = noise_schedule.dtype
+    t = jnp.asarray(t, dt)
+    t_next = jnp.asarray(t_next, dt)
+    if t.ndim != 1 or t.shape != t_next.shape or t.shape[0] < 1:
+        raise ValueError(f"t and t_next must be 1-D of the same non-zero length, got shapes "
+                         f"{tuple(t.shape)} and {tuple(t_next.shape)}")
+    times = t if network_times is None else jnp.asarray(network_times)
+    if times.shape != t.shape:
+        raise ValueError(f"network_times must have shape {tuple(t.shape)}, got "
+                         f"{tuple(times.shape)}")
+    return t, t_next, times
+
+
+def on_vp_grid(noise_schedule, t, t_next, *, eta=0.0, prediction_type: str = "epsilon",
+               network_times=None) -> DDIM:
+    """DDIM on any time grid of a continuous-time VP schedule: step i moves from t[i] to
+    t_next[i] (continuous times, ``jaxdiff.schedules.NoiseScheduleVP``).
+
+    The tables are jnp functions of the schedule's alpha_t = ``marginal_alpha(t)`` and
+    sigma_t = ``marginal_std(t)``, so t and t_next may be traced (and differentiated).
+    The step is the ordinary ``DDIM.step`` (no clipping): x' = alpha_s x0 + dir eps
+    (+ std noise) with std = eta (sigma_s / sigma_t) sqrt(1 - (alpha_t / alpha_s)^2) and
+    dir = sqrt(sigma_s^2 - std^2). ``eta`` may be traced; any value but a Python 0 makes
+    the solver stochastic. ``timesteps`` (what drivers pass to the model) are the
+    continuous times t, or ``network_times`` [K].
+    """
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    ns = noise_schedule
+    t, t_next, times = _vp_grid(ns, t, t_next, network_times)
+    a_t, a_s = ns.marginal_alpha(t), ns.marginal_alpha(t_next)
+    sig_t, sig_s = ns.marginal_std(t), ns.marginal_std(t_next)
+    stochastic = not (isinstance(eta, (int, float)) and not isinstance(eta, bool)
+                      and float(eta) == 0.0)
+    if stochastic:
+        eta_arr = jnp.asarray(eta, t.dtype)
+        std = eta_arr * (sig_s / sig_t) * jnp.sqrt(1.0 - jnp.square(a_t / a_s))
+        dir_coef = jnp.sqrt(jnp.square(sig_s) - jnp.square(std))
+    else:
+        eta_arr = jnp.zeros((), t.dtype)
+        std, dir_coef = jnp.zeros_like(sig_s), sig_s
+    return DDIM(timesteps=times, sqrt_abar=a_t, sqrt_1m_abar=sig_t, sqrt_abar_prev=a_s,
+                dir_coef=dir_coef, std=std, eta=eta_arr, num_steps=int(t.shape[0]),
+                prediction_type=prediction_type, stochastic=stochastic, clip_sample=False)

@@ -243,3 +243,49 @@ def build(cfg, num_inference_steps: int) -> DPMSolverPP:
                        thresholding=bool(cfg["thresholding"]),
                        dynamic_thresholding_ratio=float(cfg["dynamic_thresholding_ratio"]),
                        sample_max_value=float(cfg["sample_max_value"]))
+
+
+def on_vp_grid(noise_schedule, t, t_next, *, order: int = 2, lower_order_final: bool = True,
+               prediction_type: str = "epsilon", network_times=None) -> DPMSolverPP:
+    """Multistep DPM-Solver++ (data prediction, midpoint form; order 1 or 2 = "2M") on any
+    time grid of a continuous-time VP schedule: step i moves from t[i] to t_next[i]
+    (``jaxdiff.schedules.NoiseScheduleVP``), its history being the data prediction made at
+    t[i - 1].
+
+    Orders as diffusers (``step_orders``): first order at step 0 and, with
+    ``lower_order_final`` and K < 15, at the last step. The tables are jnp functions of the
+    schedule (h = lambda_s - lambda_t, a = sigma_s / sigma_t, b0 = -alpha_s expm1(-h),
+    b1 = b0 / 2, 1/r0 = h / (lambda_t - lambda_prev)), so t and t_next may be traced. The
+    step is the ordinary ``DPMSolverPP.step``; ``sigmas`` is the VE table sigma/alpha of
+    the K start times and the final time (ParaDiGMS' tolerance scale). ``timesteps``
+    (what drivers pass to the model) are the continuous times t, or ``network_times`` [K].
+    """
+    from jaxdiff.solvers.ddim import _vp_grid
+    if isinstance(order, bool) or order not in (1, 2):
+        raise ValueError(f"DPM-Solver++ on a VP grid: order must be 1 or 2 (multistep 2M), "
+                         f"got {order!r}")
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    ns = noise_schedule
+    t, t_next, times = _vp_grid(ns, t, t_next, network_times)
+    k = int(t.shape[0])
+    second = jnp.asarray(np.asarray(step_orders(k, order, bool(lower_order_final), False,
+                                                False)) == 2)
+    a_t, sig_t = ns.marginal_alpha(t), ns.marginal_std(t)
+    a_s, sig_s = ns.marginal_alpha(t_next), ns.marginal_std(t_next)
+    lam_t, lam_s = ns.marginal_lambda(t), ns.marginal_lambda(t_next)
+    h = lam_s - lam_t
+    b0 = -a_s * jnp.expm1(-h)
+    zero = jnp.zeros_like(h)
+    lam_prev = jnp.concatenate([lam_t[:1], lam_t[:-1]])
+    # where(second, ...) with a safe denominator: step 0 has no previous time, and its
+    # gradient must stay finite
+    gap = jnp.where(second, lam_t - lam_prev, 1.0)
+    inv_r0 = jnp.where(second, h / gap, zero)
+    b1 = jnp.where(second, 0.5 * b0, zero)
+    coef = jnp.stack([sig_s / sig_t, b0, b1, zero, zero], axis=1)
+    diff = jnp.stack([inv_r0, zero, zero, zero], axis=1)
+    sigmas = jnp.concatenate([sig_t / a_t, (sig_s / a_s)[-1:]])
+    return DPMSolverPP(timesteps=times, sigmas=sigmas, alpha=a_t, sigma=sig_t, coef=coef,
+                       diff=diff, num_steps=k, order=int(order), prediction_type=prediction_type,
+                       algorithm_type="dpmsolver++")

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import solvers
+from jaxdiff.guidance import classifier_free
+from jaxdiff.sampling import as_sampler, run
 from jaxdiff.zoo.digits import model as _model
 from jaxdiff.zoo.digits.model import NULL_LABEL, SCHEDULE, class_tokens
 
@@ -62,10 +65,8 @@ class DigitsPipeline:
 
     unet: Any
     schedule: dict
-    last_stats: Any = None
 
     def model_fn(self, labels, guidance_scale=DEFAULT_GUIDANCE_SCALE):
-        from jaxdiff.guidance import classifier_free
         labels = jnp.asarray(_check_labels(labels))
         if guidance_scale is None or float(guidance_scale) == 1.0:
             # Scale 1 is the conditional prediction: skip the unconditional half (2x faster).
@@ -76,7 +77,6 @@ class DigitsPipeline:
                                class_labels=labels, uncond_class_labels=null)
 
     def solver(self, solver: Union[str, Any] = "ddim", num_inference_steps: int = 50):
-        from jaxdiff import solvers
         steps = _check_steps(num_inference_steps)
         if isinstance(solver, str):
             return solvers.make(solver, self.schedule, steps)
@@ -85,23 +85,25 @@ class DigitsPipeline:
                              f"jaxdiff solver, got {solver!r}")
         return solver
 
-    def __call__(self, labels: Sequence[int], num_inference_steps: int = 50,
+    def __call__(self, *args, **kwargs) -> np.ndarray:
+        """-> float32 images [N, 16, 16, 1] in [0, 1]: ``generate(...)`` without the stats."""
+        return self.generate(*args, **kwargs)[0]
+
+    def generate(self, labels: Sequence[int], num_inference_steps: int = 50,
                  solver: Union[str, Any] = "ddim",
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0, *,
                  noise: Optional[jax.Array] = None, progress: bool = False,
-                 sampler: str = "sequential", parallel: int = 16, tolerance: float = 0.1,
-                 mesh=None, ratios=None, sampler_options: Optional[dict] = None) -> np.ndarray:
-        """-> float32 images [N, 16, 16, 1] in [0, 1], one per label.
+                 sampler="sequential", ratios=None, sampler_options: Optional[dict] = None):
+        """-> (float32 images [N, 16, 16, 1] in [0, 1], one per label; the sampler's stats).
 
         A Solver object overrides ``num_inference_steps`` (it carries its own step count).
         ``seed`` draws x_T and, for stochastic solvers, the per-step noise (the same draws
-        for either sampler). ``sampler="paradigms"``: Picard windows of ``parallel`` steps at
-        ``tolerance`` (optionally over a device ``mesh``); stats in ``self.last_stats``.
-        ``sampler_options``: further driver keyword arguments. ``ratios``: TimeTuner ratios
+        for every sampler). ``sampler``: a sampler value (``jaxdiff.sampling.Picard(
+        parallel=16, tolerance=0.1)``, ...) or a shorthand name ("sequential", "paradigms",
+        "faster") whose fields come from ``sampler_options``. ``ratios``: TimeTuner ratios
         (array or ratios JSON path) applied to the solver (``Solver.with_ratios``).
         """
-        from jaxdiff.pipeline import check_sampler, run_sampler
-        check_sampler(sampler)
+        sampler = as_sampler(sampler, **dict(sampler_options or {}))
         labels = _check_labels(labels)
         steps = _check_steps(num_inference_steps)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -117,11 +119,8 @@ class DigitsPipeline:
         x_T = jax.random.normal(k_x, (len(labels), *IMAGE_SHAPE), jnp.float32)
         if noise is None and getattr(sol, "stochastic", False):
             noise = jax.random.normal(k_step, (sol.num_steps,) + x_T.shape, jnp.float32)
-        x0, self.last_stats = run_sampler(sampler, model_fn, sol, x_T, noise=noise,
-                                          key=None, progress=progress, parallel=parallel,
-                                          tolerance=tolerance, mesh=mesh,
-                                          options=sampler_options)
-        return np.clip((np.asarray(x0, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+        x0, stats = run(sampler, model_fn, sol, x_T, noise=noise, progress=progress)
+        return np.clip((np.asarray(x0, np.float32) + 1.0) / 2.0, 0.0, 1.0), stats
 
 
 def load(directory: Union[str, Path, None] = None) -> DigitsPipeline:

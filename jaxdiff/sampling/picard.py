@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel as par
+from jaxdiff.sampling import prelude
+from jaxdiff.sampling import progress as prog
 from jaxdiff.sampling.pytree import combine, partition
 
 
@@ -66,21 +68,7 @@ class ParadigmsStats:
         return self.num_steps / max(self.iterations, 1)
 
 
-class _Bar:
-    bar = None
-
-    @classmethod
-    def update(cls, begin, new_begin, n):
-        begin, new_begin, n = int(begin), int(new_begin), int(n)
-        if begin == 0 or cls.bar is None:
-            from tqdm.auto import tqdm
-            if cls.bar is not None:
-                cls.bar.close()
-            cls.bar = tqdm(total=n, desc="paradigms (steps accepted)")
-        cls.bar.update(new_begin - begin)
-        if new_begin >= n:
-            cls.bar.close()
-            cls.bar = None
+METHODS = ("paradigms",)
 
 
 def _check_solver(solver):
@@ -108,12 +96,7 @@ def _run(dynamic, x_T, rand, tolerance, *, spec, window, parallel, mode, mesh, p
     multistep = hasattr(solver, "picard_multistep")
     x0 = (x_T * solver.init_noise_sigma).astype(dtype)
     buf = jnp.broadcast_to(x0, (n + W + 1,) + x0.shape)          # latents x_0 .. x_n (+ pad)
-    if mode == "key":
-        noise = jax.random.normal(rand, (n,) + x0.shape, dtype)
-    elif mode == "noise":
-        noise = rand.astype(dtype)
-    else:
-        noise = jnp.zeros((n,) + x0.shape, dtype)
+    noise = prelude.all_noise(mode, rand, n, x0.shape, dtype)
     noise = jnp.concatenate([noise, jnp.zeros((W,) + x0.shape, dtype)])
     var = jnp.asarray(solver.picard_variance(), jnp.float32)
     # the latent leaving step k enters step k + 1: scale by that step's variance (0 at the end)
@@ -187,8 +170,7 @@ def _run(dynamic, x_T, rand, tolerance, *, spec, window, parallel, mode, mesh, p
         buf = jax.lax.dynamic_update_slice_in_dim(buf, seg, end, 0)
         begins = begins.at[it].set(begin)
         errors = errors.at[it].set(jnp.where(valid, jnp.max(ratio, axis=1) / tol2, jnp.nan)[:p])
-        if progress is not None:
-            jax.debug.callback(progress, begin, new_begin, n)
+        prog.report(progress, jnp.minimum(new_begin, n), n)
         return (new_begin, it + 1, evals + jnp.sum(valid.astype(jnp.int32)), buf, preds,
                 begins, errors)
 
@@ -206,7 +188,7 @@ def _run(dynamic, x_T, rand, tolerance, *, spec, window, parallel, mode, mesh, p
 def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: float,
               key: Optional[jax.Array] = None, noise: Optional[jax.Array] = None,
               mesh=None, progress: Union[bool, Callable] = False,
-              chunk: Union[int, str, None] = "auto"):
+              chunk: Union[int, str, None] = "auto", method: str = "paradigms"):
     """Sample with Picard iterations over a window of ``parallel`` steps -> (x_0, stats).
 
     Same conventions as ``jaxdiff.sample``: ``model_fn(x [N,...], t [N])`` is the raw network
@@ -227,33 +209,22 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     one very large batch runs about 2x slower per sample than small ones (measured on the
     tiny SD UNet), and None on GPUs/TPUs.
     ``progress``: True for a tqdm bar of accepted steps, or a host callable
-    ``f(begin, new_begin, num_steps)`` called after every iteration.
+    ``f(done, num_steps)`` called after every iteration with the number of steps accepted.
+    ``method``: "paradigms" (the window's new positions start from a copy of its last
+    latent, as in the paper).
     """
+    x_T, rand = prelude.prepare(model_fn, solver, x_T, key=key, noise=noise,
+                                driver="jaxdiff.paradigms")
     _check_solver(solver)
-    if not callable(model_fn):
-        raise ValueError(f"model_fn must be callable, got {type(model_fn).__name__}")
-    if not hasattr(x_T, "shape") or not hasattr(x_T, "dtype"):
-        x_T = jnp.asarray(x_T)
-    if x_T.ndim < 1 or not jnp.issubdtype(x_T.dtype, jnp.floating):
-        raise ValueError(f"x_T must be a floating-point array with a leading batch dimension, "
-                         f"got shape {tuple(x_T.shape)} dtype {x_T.dtype}")
     n = int(solver.num_steps)
     if isinstance(parallel, bool) or not isinstance(parallel, (int, np.integer)) or parallel < 1:
         raise ValueError(f"parallel must be a positive int (the window size), got {parallel!r}")
     tol = float(tolerance)
     if not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
-    if key is not None and noise is not None:
-        raise ValueError("pass either key or noise, not both")
-    if noise is not None and tuple(np.shape(noise)) != (n,) + tuple(x_T.shape):
-        raise ValueError(f"noise must have shape [num_steps, *x_T.shape] = "
-                         f"{(n,) + tuple(x_T.shape)}, got {tuple(np.shape(noise))}")
-    stochastic = bool(getattr(solver, "stochastic", False))
-    if stochastic and key is None and noise is None:
-        raise ValueError(f"{type(solver).__name__} is stochastic: pass key= or noise=")
-    mode, rand = "none", None
-    if stochastic:
-        mode, rand = ("noise", jnp.asarray(noise)) if noise is not None else ("key", key)
+    if method not in METHODS:
+        raise ValueError(f"unknown Picard method {method!r}; jaxdiff implements {list(METHODS)}")
+    mode, rand = rand.mode, rand.value
     if mesh is not None:
         par.check_mesh(mesh)
     if isinstance(chunk, str) and chunk == "auto":
@@ -274,12 +245,7 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
                              f"{par.PROMPTS!r} axis of {shards}")
         model_fn = _shard_model_fn(model_fn, mesh)
     window = -(-p // devices) * devices
-    if progress is True:
-        progress = _Bar.update
-    elif progress is False or progress is None:
-        progress = None
-    elif not callable(progress):
-        raise ValueError(f"progress must be a bool or a callable, got {progress!r}")
+    progress = prog.resolve(progress, "paradigms (steps accepted)")
     leaf_specs = None
     if mesh is not None:
         m_dynamic, _ = partition(model_fn)
@@ -322,4 +288,4 @@ def _shard_model_fn(model_fn, mesh):
         if getattr(model_fn, f) is not None})
 
 
-__all__ = ["ParadigmsStats", "paradigms"]
+__all__ = ["METHODS", "ParadigmsStats", "paradigms"]
