@@ -14,8 +14,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from conversion.checkpoint import is_checkpoint, load_model
 from conversion.convert import FAMILIES, convert_state_dict, family_of
 from conversion.safetensors_io import read_safetensors
+from jaxdiff.pipeline import StableDiffusionPipeline
 
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
@@ -86,7 +88,6 @@ def _family_for(folder: Path, cfg: dict, class_name: str | None):
 def load_component(folder: str | os.PathLike, dtype=jnp.float32, *, variant: str | None = None,
                    class_name: str | None = None):
     """One model folder (config.json + weights, or a jaxdiff orbax checkpoint) -> module."""
-    from conversion.checkpoint import is_checkpoint, load_model
 
     folder = Path(folder)
     if is_checkpoint(folder):  # fast path: already converted, no re-conversion
@@ -131,7 +132,6 @@ def load_tokenizer(folder):
 
 def load_pipeline(path: str | os.PathLike, dtype=jnp.float32, *, variant: str | None = None):
     """A diffusers-format Stable Diffusion folder -> ``jaxdiff.StableDiffusionPipeline``."""
-    from jaxdiff.pipeline import StableDiffusionPipeline
 
     path = Path(path)
     index_path = path / "model_index.json"

@@ -85,7 +85,7 @@ def _convert_one(src, dst, dtype, variant, class_name, overwrite, log):
 
 
 def _sample_digits(args) -> int:
-    from jaxdiff.demo import run_digits
+    from demos.digits import run_digits
 
     labels = None
     try:
@@ -119,7 +119,7 @@ def _sample(args) -> int:
     args.out = args.out or "sample.png"
 
     import conversion
-    from jaxdiff.pipeline import image_grid
+    from jaxdiff.images import image_grid
 
     try:
         pipe = conversion.load_pipeline(args.model, _dtype(args.dtype))
@@ -189,9 +189,9 @@ def main(argv=None) -> int:
         return _sample(args)
     if args.command == "demo":
         if args.conversion:
-            from jaxdiff.demo_conversion import main as demo
+            from demos.conversion import main as demo
             return demo(Path(args.out_dir) / "demo")
-        from jaxdiff.demo import main as demo
+        from demos.digits import main as demo
         return demo(args.out_dir)
     return 1
 

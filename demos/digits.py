@@ -21,7 +21,7 @@ def save_grid(images, path, cols: int = 10, scale: int = 4) -> Path:
     """[N, H, W, 1] in [0, 1] -> a PNG grid, upscaled ``scale`` times (nearest)."""
     from PIL import Image
 
-    from jaxdiff.pipeline import image_grid
+    from jaxdiff.images import image_grid
 
     images = np.asarray(images, np.float32)
     images = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=0.35)  # cell borders
@@ -50,20 +50,22 @@ def run_digits(out: str | Path = "outputs/digits_grid.png", *, solver: str = "dd
     t0 = time.perf_counter()
     pipe = digits.load()
     log(f"loaded the digits model in {time.perf_counter() - t0:.1f} s")
+    from jaxdiff.sampling import Picard, Sequential
+    sampler_value = (Picard(parallel=parallel, tolerance=tolerance) if sampler == "paradigms"
+                     else Sequential())
     kw = dict(labels=labels, num_inference_steps=steps, solver=solver,
-              guidance_scale=guidance_scale, sampler=sampler, parallel=parallel,
-              tolerance=tolerance)
+              guidance_scale=guidance_scale, sampler=sampler_value)
     t0 = time.perf_counter()
     pipe(seed=seed + 1, progress=progress, **kw)   # compile (and warm up) once
     t_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
-    images = pipe(seed=seed, progress=progress, **kw)
+    images, stats = pipe.generate(seed=seed, progress=progress, **kw)
     t_sample = time.perf_counter() - t0
     path = save_grid(images, out, cols=10 if len(labels) >= 10 else len(labels))
-    stats = pipe.last_stats
+    parallel_run = sampler == "paradigms"
     res = {"n": len(labels), "solver": solver, "steps": steps, "sampler": sampler,
-           "iterations": stats.iterations if stats is not None else steps,
-           "model_evaluations": stats.model_evaluations if stats is not None else steps,
+           "iterations": stats.iterations if parallel_run else steps,
+           "model_evaluations": stats.model_evaluations,
            "guidance_scale": guidance_scale, "seconds": t_sample,
            "seconds_first_call": t_compile, "png": str(path),
            "accuracy": metrics.accuracy(images, labels)}
@@ -72,7 +74,7 @@ def run_digits(out: str | Path = "outputs/digits_grid.png", *, solver: str = "dd
         res["fd_floor"] = metrics.fd_floor(len(labels))
     how = (f"ParaDiGMS (window {parallel}, tolerance {tolerance}): {stats.iterations} "
            f"iterations for {steps} steps, {stats.model_evaluations} window evaluations; "
-           if stats is not None else "sequential: ")
+           if parallel_run else "sequential: ")
     log(f"{how}{len(labels)} digits, {solver}-{steps}, guidance {guidance_scale}: "
         f"{t_sample:.1f} s ({1e3 * t_sample / len(labels):.0f} ms per digit; first call with "
         f"compilation {t_compile:.1f} s)")
