@@ -55,17 +55,20 @@ def test_model_time_is_tuned_and_coefficients_are_not(name):
     assert len(changed) == 1      # only the timesteps table
 
 
-def test_equals_tuning_retimed_model_and_timetuner_ddim(x_T):
-    """Three routes to tuned DDIM agree: the solver's ratios, tuning's retimed model
-    function, and TimeTuner.ddim_sample on its own grid."""
+def test_equals_timetuner_ddim(x_T):
+    """Two routes to tuned DDIM agree: jaxdiff.sample with the diffusers-built DDIM's
+    ``with_ratios``, and TimeTuner.ddim_sample on its own grid (which is jaxdiff.sample with
+    jaxdiff's DDIM built on that grid, the network asked at ratio_i * t_i)."""
     import tuning
     s = solvers.make("ddim", TUNER_GRID, STEPS)
     r = ratios(STEPS, 1)
     a = jaxdiff.sample(model_fn, s.with_ratios(r), x_T)
     ns = tuning.NoiseScheduleVP("discrete", alphas_cumprod=np.asarray(
         jaxdiff.zoo.digits.model.alphas_cumprod(SCHEDULE)))
-    b = jaxdiff.sample(tuning.retimed_model_fn(model_fn, ns, s.timesteps, r), s, x_T)
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+    b = tuning.TimeTuner(tuning.model_wrapper(model_fn, ns), ns).ddim_sample(
+        x_T, STEPS, t_ratios=r)
+    # float32 rounding of two table computations; |x| reaches ~100 with this model_fn
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=2e-5)
     assert float(jnp.max(jnp.abs(a - jaxdiff.sample(model_fn, s, x_T)))) > 1e-3
 
 

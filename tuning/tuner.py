@@ -19,11 +19,18 @@ The last step's ratio is not tuned (it stays 1), as in the reference.
 Beyond the reference (its README lists it as future work), the tuned step can be a
 multistep DPM-Solver++ step (``solver='dpmsolver++'``): the same loss, with x_{t_{i+1}}(r)
 the DPM-Solver++(2M) update that also uses the previous step's data prediction.
+
+There is one DDIM and one DPM-Solver++: jaxdiff's (``jaxdiff.solvers.ddim.on_vp_grid``,
+``jaxdiff.solvers.dpm_solver.on_vp_grid``, built on the tuner's time grid). A ratio only
+changes the network's time (``Solver.with_network_times``), sampling is ``jaxdiff.sample``,
+and the loss takes its tuned step (and the sequential prefix) with ``solver.step``.
 """
 
 from __future__ import annotations
 
+import collections
 import collections.abc
+import dataclasses
 import functools
 import math
 import numbers
@@ -34,19 +41,172 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdiff.sampling import progress as progress_mod
+from jaxdiff.sampling import sample
 from jaxdiff.sampling.pytree import combine, partition
+from jaxdiff.schedules import NoiseScheduleVP, continuous_time, model_input_time
+from jaxdiff.solvers import ddim as ddim_solver
+from jaxdiff.solvers import dpm_solver
+from jaxdiff.solvers.base import push, vp_x0
+from jaxdiff.solvers.ddim import DDIM
+from jaxdiff.solvers.dpm_solver import MultistepState
 from tuning.checkpoint import RunCheckpoints
-from tuning.sampler import (TRACE_COUNTS, check_solver, data_prediction, ddim_loop, ddim_step,
-                            dpm_orders, dpmpp_loop, dpmpp_step, predict_noise, time_grid)
-from tuning.schedule import NoiseScheduleVP
-from tuning.wrapper import model_input_time
 
 TUNE_TYPES = ("sequential", "parallel")
+GRIDS = ("reference", "uniform")
+SOLVERS = ("ddim", "dpmsolver++")
 ADAM_BETAS = (0.9, 0.999)      # the reference's torch.optim.Adam settings
+
+# How often each jitted function (and the bound model inside jaxdiff.sample, by sampler
+# name) has been traced, for "does not recompile" tests.
+TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 class NonFiniteLossError(FloatingPointError):
     """The tuning loss (or a ratio) became NaN/inf; the message names step and iteration."""
+
+
+# ------------------------------------------------------------------------------ the grid
+def _check_num_steps(num_steps, total_n: int) -> int:
+    if (isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral)
+            or not 1 <= int(num_steps) <= total_n):
+        raise ValueError(f"num_steps must be an integer in [1, {total_n}], got {num_steps!r}")
+    return int(num_steps)
+
+
+def time_grid(noise_schedule: NoiseScheduleVP, num_steps: Optional[int] = None,
+              timesteps=None, grid: str = "reference"):
+    """-> (t [K], t_next [K]) as float64 numpy: step i goes from t[i] to t_next[i].
+
+    ``grid='reference'`` is the grid of TimeTuner's DDIM: K training steps
+    n_i = (K - 1 - i) * (N // K) + 1 (DDIM's "leading" spacing with offset 1), placed at
+    their training times t = (n + 1) / N, and a final step to t = 1 / N (= eps). For
+    continuous schedules the same grid is used with N = 1000. ``grid='uniform'``:
+    K + 1 times evenly spaced from T down to eps (DPM-Solver's 'time_uniform').
+
+    ``timesteps`` [K] overrides both: decreasing times in the network's own units (what
+    ``model_wrapper`` passes to the network: 0..999 for 1000-step discrete models,
+    continuous t otherwise), followed by the final step to eps.
+    """
+    ns = noise_schedule
+    n_total = ns.total_N
+    if timesteps is not None:
+        ts = np.asarray(timesteps, np.float64)
+        if ts.ndim != 1 or ts.shape[0] < 1:
+            raise ValueError(f"timesteps must be a non-empty 1-D array, got shape {ts.shape}")
+        if num_steps is not None and int(num_steps) != ts.shape[0]:
+            raise ValueError(f"num_steps={num_steps} disagrees with len(timesteps)="
+                             f"{ts.shape[0]}")
+        t = np.asarray(continuous_time(ns, ts), np.float64)
+        t_next = np.concatenate([t[1:], [ns.eps]])
+    elif grid in GRIDS:
+        if num_steps is None:
+            raise ValueError("pass num_steps or timesteps")
+        k = _check_num_steps(num_steps, n_total)
+        if grid == "reference":
+            n = np.arange(k)[::-1] * (n_total // k) + 1
+            t = (n + 1.0) / n_total
+            t_next = np.concatenate([t[1:], [ns.eps]])
+        else:
+            ts = np.linspace(ns.T, ns.eps, k + 1)
+            t, t_next = ts[:-1], ts[1:]
+    else:
+        raise ValueError(f"unsupported grid {grid!r}; choose one of {list(GRIDS)}")
+    if not np.all(np.isfinite(t)) or np.any(t_next >= t):
+        raise ValueError(f"timesteps must be finite and strictly decreasing to eps="
+                         f"{ns.eps}; got times {t.tolist()}")
+    return t, t_next
+
+
+def check_solver(solver: str, order: int = 2) -> None:
+    if solver not in SOLVERS:
+        raise ValueError(f"unsupported solver {solver!r}; choose one of {list(SOLVERS)}")
+    if solver == "dpmsolver++" and (isinstance(order, bool) or order not in (1, 2)):
+        raise ValueError(f"DPM-Solver++ order must be 1 or 2 (multistep 2M), got {order!r}")
+
+
+def dpm_orders(num_steps: int, order: int = 2, lower_order_final: bool = True) -> np.ndarray:
+    """[K] order of each multistep DPM-Solver++ step (jaxdiff's ``step_orders``, diffusers'
+    rule): first order at step 0, ``order`` after, and first order at the last step when
+    ``lower_order_final`` and K < 15."""
+    return np.asarray(dpm_solver.step_orders(int(num_steps), int(order),
+                                             bool(lower_order_final), False, False), np.int32)
+
+
+def grid_solver(noise_schedule: NoiseScheduleVP, t, t_next, solver: str = "ddim", order=2,
+                lower_order_final=True, eta=0.0):
+    """jaxdiff's DDIM or DPM-Solver++ on the grid t -> t_next (may be traced); its
+    ``timesteps`` are the continuous times t (the tuner's model function takes those)."""
+    check_solver(solver, order)
+    if solver == "ddim":
+        return ddim_solver.on_vp_grid(noise_schedule, t, t_next, eta=eta)
+    return dpm_solver.on_vp_grid(noise_schedule, t, t_next, order=order,
+                                 lower_order_final=lower_order_final)
+
+
+# ------------------------------------------------------------------------------ the model
+def predict_noise(model_fn, x, t, condition=None, uncond_condition=None):
+    """model_fn at the scalar (or [B]) continuous time t for the batch x [B, ...]. The
+    conditions are passed only when given, so plain ``fn(x, t)`` models work too."""
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    if condition is None and uncond_condition is None:
+        return model_fn(x, t)
+    return model_fn(x, t, condition, uncond_condition)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["model_fn", "condition", "uncond_condition"],
+                   meta_fields=["name"])
+@dataclasses.dataclass(frozen=True, eq=False)
+class BoundModel:
+    """The tuner's noise predictor with one call's conditions bound: a 2-argument
+    ``model_fn(x, t_continuous)`` for jaxdiff's drivers. A pytree (the model's and the
+    conditions' arrays are traced leaves); ``name`` keys TRACE_COUNTS, counted each time
+    a driver traces it."""
+
+    model_fn: Any
+    condition: Any = None
+    uncond_condition: Any = None
+    name: str = "sample"
+
+    def __call__(self, x, t):
+        TRACE_COUNTS[self.name] += 1
+        return predict_noise(self.model_fn, x, t, self.condition, self.uncond_condition)
+
+
+def _alpha_sigma(solver):
+    if isinstance(solver, DDIM):
+        return solver.sqrt_abar, solver.sqrt_1m_abar
+    return solver.alpha, solver.sigma
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _model_predictions(dynamic, xs, *, spec):
+    """Data predictions at every trajectory point xs [K, B, ...] (one vmapped call)."""
+    model, solver = combine(dynamic, spec)
+    alpha, sigma = _alpha_sigma(solver)
+
+    def one(i, x):
+        out = model(x, jnp.broadcast_to(solver.timesteps[i], (x.shape[0],)))
+        return vp_x0(solver.prediction_type, out, x, alpha[i], sigma[i]).astype(x.dtype)
+
+    return jax.vmap(one)(jnp.arange(solver.num_steps), xs)
+
+
+def _intermediates(model, solver, x, xs):
+    """{'x_t', 'x0_pred'}: [K + 1, B, ...], entry 0 being the start x. For deterministic
+    DDIM x0_pred solves x_i = a_t x0 + s_t eps, x_{i+1} = a_s x0 + s_s eps (no model
+    call); otherwise the model is asked again at the trajectory points."""
+    x_t = jnp.concatenate([x[None], xs])
+    if isinstance(solver, DDIM) and not solver.stochastic and solver.prediction_type == "epsilon":
+        shape = (-1,) + (1,) * x.ndim
+        a, s = solver.sqrt_abar.reshape(shape), solver.sqrt_1m_abar.reshape(shape)
+        c, d = solver.sqrt_abar_prev.reshape(shape), solver.dir_coef.reshape(shape)
+        x0s = ((d * x_t[:-1] - s * x_t[1:]) / (a * d - s * c)).astype(x.dtype)
+    else:
+        dynamic, spec = partition((dataclasses.replace(model, name="intermediates"), solver))
+        x0s = _model_predictions(dynamic, x_t[:-1], spec=spec)
+    return {"x_t": x_t, "x0_pred": jnp.concatenate([x[None], x0s])}
 
 
 # ------------------------------------------------------------------------------ the loss
@@ -54,65 +214,52 @@ def _flat_sq_mean(a):  # [B, ...] -> scalar: sum over a sample, mean over the ba
     return jnp.mean(jnp.sum(jnp.square(a).reshape(a.shape[0], -1), axis=1))
 
 
-def _solver_orders(solver, k, order, lower_order_final) -> np.ndarray:
-    """[K] order of each step: DDIM is first order throughout."""
-    return dpm_orders(k, order if solver != "ddim" else 1, lower_order_final)
+def _tuned_step(model_fn, solver, state, i, x, ratio, cond, uncond):
+    """Step i of the grid solver with the network at ratio * t_i -> (x_next, state)."""
+    eps = predict_noise(model_fn, x, ratio * solver.timesteps[i], cond, uncond)
+    x_next, state = solver.step(state, i, x, eps, jnp.zeros_like(x))
+    return x_next.astype(x.dtype), state
 
 
-def _solver_step(model_fn, ns, solver, x, t, s, ratio, x0_prev, t_prev, second, cond,
-                 uncond):
-    """One tuned step of ``solver`` (static) -> (x_s, x0_pred)."""
-    if solver == "ddim":
-        return ddim_step(model_fn, ns, x, t, s, ratio, condition=cond, uncond_condition=uncond)
-    return dpmpp_step(model_fn, ns, x, t, s, ratio, x0_prev, t_prev, second, cond, uncond)
+def _start_state(model_fn, ns, solver, x0, noise, idx, ratios, t_cur, cond, uncond,
+                 sequential: bool):
+    """x at t_cur[idx], the solver state entering step idx (DPM-Solver++: its history
+    holds the data prediction of step idx - 1) and the loss target eps(x, t_cur[idx]);
+    all treated as constants.
 
-
-def _start_state(model_fn, ns, x0, noise, idx, ratios, t_cur, t_next, orders, cond, uncond,
-                 sequential: bool, solver: str):
-    """x at t_cur[idx], the multistep history entering step idx (DPM-Solver++: the data
-    prediction of step idx - 1, else None) and the loss target eps(x, t_cur[idx]); all
-    treated as constants.
-
-    ``idx`` may be traced: the sequential prefix is a fori_loop with a traced trip count,
-    which is why it must stay outside the differentiated function. In 'parallel' mode the
-    DPM-Solver++ history is the network's data prediction at x_{t_{idx-1}} (the same data
-    and noise), asked at that step's current ratio.
+    ``idx`` may be traced: the sequential prefix is a fori_loop (of ``solver.step``) with
+    a traced trip count, which is why it must stay outside the differentiated function.
+    In 'parallel' mode the DPM-Solver++ history is the network's data prediction at
+    x_{t_{idx-1}} (the same data and noise), asked at that step's current ratio.
     """
-    multistep = solver != "ddim"
     if sequential:
         big_t = jnp.asarray(ns.T, t_cur.dtype)
-        x = ns.marginal_alpha(big_t) * x0 + ns.marginal_std(big_t) * noise
+        x = (ns.marginal_alpha(big_t) * x0 + ns.marginal_std(big_t) * noise).astype(x0.dtype)
 
         def prefix_step(j, carry):
-            x, x0_prev = carry
-            x_next, x0_j = _solver_step(model_fn, ns, solver, x, t_cur[j], t_next[j],
-                                        ratios[j], x0_prev, t_cur[jnp.maximum(j - 1, 0)],
-                                        orders[j] == 2, cond, uncond)
-            return x_next.astype(x.dtype), x0_j.astype(x.dtype)
+            x, state = carry
+            return _tuned_step(model_fn, solver, state, j, x, ratios[j], cond, uncond)
 
-        x, x0_prev = jax.lax.fori_loop(0, idx, prefix_step, (x, jnp.zeros_like(x)))
+        x, state = jax.lax.fori_loop(0, idx, prefix_step, (x, solver.init(x)))
     else:
         t = t_cur[idx]
-        x = ns.marginal_alpha(t) * x0 + ns.marginal_std(t) * noise
-        x0_prev = None
-        if multistep:
+        x = (ns.marginal_alpha(t) * x0 + ns.marginal_std(t) * noise).astype(x0.dtype)
+        state = solver.init(x)
+        if isinstance(state, MultistepState):
             j = jnp.maximum(idx - 1, 0)
-            x_prev = ns.marginal_alpha(t_cur[j]) * x0 + ns.marginal_std(t_cur[j]) * noise
-            eps_prev = predict_noise(model_fn, x_prev.astype(x0.dtype), ratios[j] * t_cur[j],
-                                     cond, uncond)
-            x0_prev = data_prediction(ns, x_prev, eps_prev, t_cur[j])
-    x = jax.lax.stop_gradient(x.astype(x0.dtype))
-    x0_prev = (jax.lax.stop_gradient(x0_prev.astype(x0.dtype)) if multistep else None)
+            x_prev = (ns.marginal_alpha(t_cur[j]) * x0
+                      + ns.marginal_std(t_cur[j]) * noise).astype(x0.dtype)
+            eps_prev = predict_noise(model_fn, x_prev, ratios[j] * t_cur[j], cond, uncond)
+            x0_prev = solver.picard_prediction(j, x_prev, eps_prev)
+            state = MultistepState(history=push(state.history, x0_prev))
+    x, state = jax.lax.stop_gradient((x, state))
     target = predict_noise(model_fn, x, t_cur[idx], cond, uncond)
-    return x, x0_prev, jax.lax.stop_gradient(target)
+    return x, state, jax.lax.stop_gradient(target)
 
 
-def _step_loss(ratio, model_fn, ns, x_t, x0_prev, target, idx, t_cur, t_next, orders, cond,
-               uncond, solver):
-    t, s = t_cur[idx], t_next[idx]
-    x_s, _ = _solver_step(model_fn, ns, solver, x_t, t, s, ratio, x0_prev,
-                          t_cur[jnp.maximum(idx - 1, 0)], orders[idx] == 2, cond, uncond)
-    eps_s = predict_noise(model_fn, x_s.astype(x_t.dtype), s, cond, uncond)
+def _step_loss(ratio, model_fn, solver, x_t, state, target, idx, t_next, cond, uncond):
+    x_s, _ = _tuned_step(model_fn, solver, state, idx, x_t, ratio, cond, uncond)
+    eps_s = predict_noise(model_fn, x_s, t_next[idx], cond, uncond)
     return _flat_sq_mean(target - eps_s)
 
 
@@ -127,38 +274,39 @@ def _adam(lr):
     return optax.adam(lr, b1=ADAM_BETAS[0], b2=ADAM_BETAS[1])
 
 
-def _one_update(model_fn, ns, x0, cond, uncond, idx, it, ratio, opt_state, ratios, t_cur,
-                t_next, orders, lr, key, sequential, solver):
+def _one_update(model_fn, ns, solver, x0, cond, uncond, idx, it, ratio, opt_state, ratios,
+                t_cur, t_next, lr, key, sequential):
     noise = _noise_for(key, idx, it, x0.shape, x0.dtype)
-    x_t, x0_prev, target = _start_state(model_fn, ns, x0, noise, idx, ratios, t_cur, t_next,
-                                        orders, cond, uncond, sequential, solver)
-    loss, grad = jax.value_and_grad(_step_loss)(ratio, model_fn, ns, x_t, x0_prev, target, idx,
-                                                t_cur, t_next, orders, cond, uncond, solver)
+    x_t, state, target = _start_state(model_fn, ns, solver, x0, noise, idx, ratios, t_cur,
+                                      cond, uncond, sequential)
+    loss, grad = jax.value_and_grad(_step_loss)(ratio, model_fn, solver, x_t, state, target,
+                                                idx, t_next, cond, uncond)
     updates, opt_state = _adam(lr).update(grad, opt_state, ratio)
     return optax.apply_updates(ratio, updates), opt_state, loss
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "solver"))
+@functools.partial(jax.jit, static_argnames=("spec",))
 def _sequential_update(dynamic, x0, cond, idx, it, ratio, opt_state, ratios, t_cur, t_next,
-                       orders, lr, key, *, spec, solver):
-    """One Adam step on ratio ``idx`` (a traced int32: one program for every index)."""
+                       lr, key, *, spec):
+    """One Adam step on ratio ``idx`` (a traced int32: one program for every index).
+    ``dynamic``/``spec``: the partitioned (model_fn, schedule, uncond, grid solver)."""
     TRACE_COUNTS["sequential"] += 1
-    model_fn, ns, uncond = combine(dynamic, spec)
-    return _one_update(model_fn, ns, x0, cond, uncond, idx, it, ratio, opt_state, ratios,
-                       t_cur, t_next, orders, lr, key, sequential=True, solver=solver)
+    model_fn, ns, uncond, solver = combine(dynamic, spec)
+    return _one_update(model_fn, ns, solver, x0, cond, uncond, idx, it, ratio, opt_state,
+                       ratios, t_cur, t_next, lr, key, sequential=True)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "solver"))
-def _parallel_update(dynamic, x0, cond, it, ratios_m, opt_states, ratios, t_cur, t_next,
-                     orders, lr, key, *, spec, solver):
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _parallel_update(dynamic, x0, cond, it, ratios_m, opt_states, ratios, t_cur, t_next, lr,
+                     key, *, spec):
     """One Adam step on every tuned ratio at once. ratios_m [M], opt_states stacked [M]."""
     TRACE_COUNTS["parallel"] += 1
-    model_fn, ns, uncond = combine(dynamic, spec)
+    model_fn, ns, uncond, solver = combine(dynamic, spec)
     m = ratios_m.shape[0]
 
     def one(idx, ratio, opt_state):
-        return _one_update(model_fn, ns, x0, cond, uncond, idx, it, ratio, opt_state, ratios,
-                           t_cur, t_next, orders, lr, key, sequential=False, solver=solver)
+        return _one_update(model_fn, ns, solver, x0, cond, uncond, idx, it, ratio, opt_state,
+                           ratios, t_cur, t_next, lr, key, sequential=False)
 
     return jax.vmap(one)(jnp.arange(m, dtype=jnp.int32), ratios_m, opt_states)
 
@@ -234,13 +382,6 @@ def _key_data(key) -> list:
     return np.asarray(key).ravel().tolist()
 
 
-def _with_intermediates(x, out, traj):
-    """(out, {'x_t', 'x0_pred'}: [K + 1, B, ...], entry 0 being the start x)."""
-    xs, x0s = traj
-    return out, {"x_t": jnp.concatenate([x[None], xs]),
-                 "x0_pred": jnp.concatenate([x[None], x0s])}
-
-
 # ------------------------------------------------------------------------------ the class
 class TimeTuner:
     """Sample with DDIM at tuned times, and learn the tuning ratios.
@@ -280,9 +421,17 @@ class TimeTuner:
 
     def ddim_step_fn(self, x, t, s, t_ratio=1.0, eta=0.0, noise=None, condition=None,
                      uncond_condition=None):
-        """One tuned DDIM step from t to s -> (x_s, x0_pred). ``noise`` None: eta = 0."""
-        return ddim_step(self._model, self.noise_schedule, x, t, s, t_ratio, eta, noise,
-                         condition, uncond_condition)
+        """One tuned DDIM step from (scalar) t to s -> (x_s, x0_pred): jaxdiff's DDIM on the
+        one-step grid [t] -> [s]. ``noise`` None: eta = 0."""
+        dt = self.noise_schedule.dtype
+        solver = ddim_solver.on_vp_grid(self.noise_schedule, jnp.reshape(jnp.asarray(t, dt), (1,)),
+                                        jnp.reshape(jnp.asarray(s, dt), (1,)),
+                                        eta=0.0 if noise is None else eta)
+        eps = predict_noise(self._model, x, t_ratio * solver.timesteps[0], condition,
+                            uncond_condition)
+        x_s, _ = solver.step(solver.init(x), 0, x, eps,
+                             jnp.zeros_like(x) if noise is None else noise)
+        return x_s, vp_x0("epsilon", eps, x, solver.sqrt_abar[0], solver.sqrt_1m_abar[0])
 
     def _ratios_for(self, t_ratios, k, dtype):
         if t_ratios is None:
@@ -293,24 +442,45 @@ class TimeTuner:
                              f"{tuple(r.shape)}")
         return r.astype(dtype)
 
+    def tuned_solver(self, num_steps=None, timesteps=None, t_ratios=None, solver="ddim",
+                     order=2, lower_order_final=True, eta=0.0, grid="reference"):
+        """jaxdiff's DDIM / DPM-Solver++ on this tuner's grid with the network asked at
+        ratio_i * t_i (continuous time: what the tuner's model function takes), i.e.
+        ``on_vp_grid(...).with_network_times(ratios * t)``; differentiable in t_ratios."""
+        t, t_next = self.get_time_grid(num_steps, timesteps, grid)
+        ratios = self._ratios_for(t_ratios, t.shape[0], t.dtype)
+        base = grid_solver(self.noise_schedule, t, t_next, solver, order, lower_order_final,
+                           eta)
+        return base.with_network_times(ratios * t)
+
+    def _sample(self, solver, x, key, condition, uncond_condition, name, intermediates):
+        model = BoundModel(self._model, condition, uncond_condition, name)
+        kwargs = {"key": key} if solver.stochastic else {}
+        if not intermediates:
+            return sample(model, solver, x, **kwargs)
+        out, xs = sample(model, solver, x, return_trajectory=True, **kwargs)
+        return out, _intermediates(model, solver, x, xs)
+
     # -------------------------------------------------------------------- sampling
     def ddim_sample(self, x, num_steps=None, timesteps=None, t_ratios=None, eta=0.0,
                     condition=None, uncond_condition=None, key=None, grid="reference",
                     return_intermediates=False):
         """DDIM from x (= x at t[0], e.g. standard normal noise [B, ...]) to t = eps.
 
-        One jitted lax.scan, differentiable in ``t_ratios`` [K] (and in x and the model
-        function's arrays). ``eta`` > 0 needs ``key``. With ``return_intermediates``
-        also returns {'x_t': [K + 1, B, ...], 'x0_pred': [K + 1, B, ...]} (entry 0 is x,
-        as in the reference).
+        ``jaxdiff.sample`` with jaxdiff's DDIM on the grid (``tuned_solver``): one jitted
+        lax.scan, differentiable in ``t_ratios`` [K] (and in x and the model function's
+        arrays); new ratios, eta or conditions reuse the compiled program. ``eta`` > 0
+        needs ``key``. With ``return_intermediates`` also returns {'x_t': [K + 1, B, ...],
+        'x0_pred': [K + 1, B, ...]} (entry 0 is x, as in the reference).
         """
+        if key is None and not (isinstance(eta, numbers.Real) and float(eta) == 0.0):
+            raise ValueError("eta > 0 draws noise: pass key=")
+        if isinstance(eta, numbers.Real) and not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
         x = jnp.asarray(x)
-        t, t_next = self.get_time_grid(num_steps, timesteps, grid)
-        ratios = self._ratios_for(t_ratios, t.shape[0], t.dtype)
-        out, traj = ddim_loop(self._model, self.noise_schedule, x, t, t_next, ratios, eta,
-                              key, condition, uncond_condition,
-                              intermediates=return_intermediates)
-        return _with_intermediates(x, out, traj) if return_intermediates else out
+        solver = self.tuned_solver(num_steps, timesteps, t_ratios, "ddim", eta=eta, grid=grid)
+        return self._sample(solver, x, key, condition, uncond_condition, "ddim_sample",
+                            return_intermediates)
 
     def dpm_solver_sample(self, x, num_steps=None, timesteps=None, t_ratios=None, order=2,
                           lower_order_final=True, condition=None, uncond_condition=None,
@@ -318,21 +488,20 @@ class TimeTuner:
         """Multistep DPM-Solver++ (data prediction; order 2 = "2M") from x at t[0] to the
         grid's end, the network at ratio_i * t_i (the time grid as in ``ddim_sample``).
 
+        ``jaxdiff.sample`` with jaxdiff's DPMSolverPP on the grid (``tuned_solver``).
         Order per step: ``tuning.dpm_orders`` (first order at the first step, and at the
-        last one when ``lower_order_final`` and K < 15, as diffusers and jaxdiff's
-        DPMSolverPP do). One jitted lax.scan, differentiable in ``t_ratios``. With
-        ``return_intermediates`` also returns {'x_t', 'x0_pred'} as ``ddim_sample`` does.
-        With ``timesteps=solver.timesteps`` of a jaxdiff DPM-Solver++ whose last step ends
-        at the first training time (final_sigmas_type="sigma_min") the two agree.
+        last one when ``lower_order_final`` and K < 15, as diffusers does).
+        Differentiable in ``t_ratios``. With ``return_intermediates`` also returns
+        {'x_t', 'x0_pred'} as ``ddim_sample`` does. With ``timesteps=solver.timesteps`` of
+        a jaxdiff DPM-Solver++ whose last step ends at the first training time
+        (final_sigmas_type="sigma_min") the two agree.
         """
         check_solver("dpmsolver++", order)
         x = jnp.asarray(x)
-        t, t_next = self.get_time_grid(num_steps, timesteps, grid)
-        ratios = self._ratios_for(t_ratios, t.shape[0], t.dtype)
-        orders = dpm_orders(t.shape[0], order, lower_order_final)
-        out, traj = dpmpp_loop(self._model, self.noise_schedule, x, t, t_next, ratios, orders,
-                               condition, uncond_condition, intermediates=return_intermediates)
-        return _with_intermediates(x, out, traj) if return_intermediates else out
+        solver = self.tuned_solver(num_steps, timesteps, t_ratios, "dpmsolver++", order,
+                                   lower_order_final, grid=grid)
+        return self._sample(solver, x, None, condition, uncond_condition,
+                            "dpm_solver_sample", return_intermediates)
 
     def sample(self, x, num_steps=None, timesteps=None, t_ratios=None, solver="ddim",
                order=2, lower_order_final=True, **kwargs):
@@ -352,7 +521,8 @@ class TimeTuner:
 
         ``t_ratios`` [K]: the ratios of the earlier steps (sequential), or of step idx - 1
         (the DPM-Solver++ history in parallel mode). Differentiable in ``ratio``;
-        ``optimize_timesteps`` minimises exactly this function.
+        ``optimize_timesteps`` minimises exactly this function. The tuned step is
+        ``solver.step`` of jaxdiff's grid solver (``grid_solver``).
         """
         if tune_type not in TUNE_TYPES:
             raise ValueError(f"unsupported tune_type {tune_type!r}; choose one of "
@@ -360,13 +530,13 @@ class TimeTuner:
         check_solver(solver, order)
         t, t_next = self.get_time_grid(num_steps, timesteps, grid)
         ratios = self._ratios_for(t_ratios, t.shape[0], t.dtype)
-        orders = jnp.asarray(_solver_orders(solver, t.shape[0], order, lower_order_final))
+        grid_sol = grid_solver(self.noise_schedule, t, t_next, solver, order, lower_order_final)
         x0 = jnp.asarray(x0)
-        x_t, x0_prev, target = _start_state(
-            self._model, self.noise_schedule, x0, jnp.asarray(noise, x0.dtype), idx, ratios,
-            t, t_next, orders, condition, uncond_condition, tune_type == "sequential", solver)
-        return _step_loss(ratio, self._model, self.noise_schedule, x_t, x0_prev, target, idx,
-                          t, t_next, orders, condition, uncond_condition, solver)
+        x_t, state, target = _start_state(
+            self._model, self.noise_schedule, grid_sol, x0, jnp.asarray(noise, x0.dtype), idx,
+            ratios, t, condition, uncond_condition, tune_type == "sequential")
+        return _step_loss(ratio, self._model, grid_sol, x_t, state, target, idx, t_next,
+                          condition, uncond_condition)
 
     # -------------------------------------------------------------------- training
     def optimize_timesteps(self, data, num_steps: Optional[int] = None, timesteps=None,
@@ -377,7 +547,7 @@ class TimeTuner:
                            verbose: bool = False,
                            callback: Optional[Callable[..., Any]] = None,
                            solver: str = "ddim", order: int = 2,
-                           lower_order_final: bool = True):
+                           lower_order_final: bool = True, progress=None):
         """Learn the ratios of steps 0..K-2 with Adam(lr, betas=(0.9, 0.999)).
 
         The K steps: ``num_steps`` on the ``grid`` (default 10), or ``timesteps`` [K] in the
@@ -403,6 +573,10 @@ class TimeTuner:
         (provided ``data`` yields the same batches in the same order).
         ``callback(idx, iteration, loss, ratio)`` runs on the host after every iteration
         (in 'parallel' mode idx is None and loss, ratio are [K-1] arrays).
+
+        ``progress``: None/False, True (a tqdm bar) or a callable ``f(done, total)``
+        (``jaxdiff.sampling.progress``) told after every iteration how many of the run's
+        (index, iteration) updates are done, and once at the start of a resumed run.
 
         A non-finite loss or ratio raises ``NonFiniteLossError`` naming the step index
         and iteration; the checkpoints written before it are kept.
@@ -440,8 +614,9 @@ class TimeTuner:
         sequential = tune_type == "sequential"
         total = m * total_iters if sequential else total_iters
 
-        orders_np = _solver_orders(solver, k, order, lower_order_final)
-        orders = jnp.asarray(orders_np)
+        orders_np = dpm_orders(k, order if solver != "ddim" else 1, lower_order_final)
+        grid_sol = grid_solver(ns, t_cur, t_next, solver, order, lower_order_final)
+        bar = progress_mod.resolve(progress, "TimeTuner")
         meta = {"method": "TimeTuner " + ("DDIM" if solver == "ddim" else
                                           f"DPM-Solver++ (order {order})"),
                 "solver": solver, "tune_type": tune_type, "num_steps": k,
@@ -483,7 +658,9 @@ class TimeTuner:
                               f"{ckpt.directory}")
             last_saved = resumed_from
             uncond = uncond_condition
-            dynamic, spec = partition((self._model, ns, uncond))
+            dynamic, spec = partition((self._model, ns, uncond, grid_sol))
+            if bar is not None and start > 0:
+                bar(start, total)
             batches = None
             for g in range(start, total):
                 idx, it = divmod(g, total_iters) if sequential else (None, g)
@@ -496,13 +673,12 @@ class TimeTuner:
                 if sequential:
                     ratio, opt, loss = _sequential_update(
                         dynamic, x0, cond, jnp.int32(idx), jnp.int32(it), state["ratio"],
-                        state["opt_state"], state["ratios"], t_cur, t_next, orders, lr_arr,
-                        key, spec=spec, solver=solver)
+                        state["opt_state"], state["ratios"], t_cur, t_next, lr_arr, key,
+                        spec=spec)
                 else:
                     ratio, opt, loss = _parallel_update(
                         dynamic, x0, cond, jnp.int32(it), state["ratio"], state["opt_state"],
-                        state["ratios"], t_cur, t_next, orders, lr_arr, key, spec=spec,
-                        solver=solver)
+                        state["ratios"], t_cur, t_next, lr_arr, key, spec=spec)
                 loss_np, ratio_np = np.asarray(loss), np.asarray(ratio)
                 bad = ~(np.isfinite(loss_np) & np.isfinite(ratio_np))
                 if np.any(bad):
@@ -526,6 +702,8 @@ class TimeTuner:
                           f"{np.round(ratio_np, 4).tolist()}")
                 if callback is not None:
                     callback(idx, it, loss_np, ratio_np)
+                if bar is not None:
+                    bar(g + 1, total)
                 if ckpt is not None and ((g + 1) % checkpoint_every == 0 or g + 1 == total
                                          or (sequential and it == total_iters - 1)):
                     ckpt.save(g + 1, state)

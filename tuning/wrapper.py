@@ -19,23 +19,14 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.guidance import guide
 from jaxdiff.sampling.pytree import combine, partition
-from tuning.schedule import NoiseScheduleVP
+from jaxdiff.schedules import NoiseScheduleVP, model_input_time
 
 MODEL_TYPES = ("noise", "x_start", "v", "score")
 GUIDANCE_TYPES = ("uncond", "classifier", "classifier-free")
 
-
-def model_input_time(noise_schedule: NoiseScheduleVP, t_continuous):
-    """Continuous t -> the time the network was trained with.
-
-    A discrete model trained on n = 0..N-1 sees n at t = (n + 1) / N; like DPM-Solver we
-    feed 1000 * (t - 1 / N) (= n when N = 1000), so fractional n are passed through as
-    they are. Continuous-time models take t itself.
-    """
-    if noise_schedule.schedule == "discrete":
-        return (t_continuous - 1.0 / noise_schedule.total_N) * 1000.0
-    return t_continuous
+__all__ = ["GUIDANCE_TYPES", "MODEL_TYPES", "NoiseModel", "model_input_time", "model_wrapper"]
 
 
 def _per_sample(v, ndim):  # [B] -> [B, 1, ..., 1] to scale a [B, ...] batch
@@ -152,7 +143,7 @@ class NoiseModel:
         both = self.noise(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0),
                           _stack_conditions(uncond, cond))
         eps_uncond, eps_cond = jnp.split(both, 2, axis=0)
-        return eps_uncond + scale * (eps_cond - eps_uncond)
+        return guide(eps_uncond, eps_cond, scale)
 
 
 def _flatten(nm: NoiseModel):
