@@ -54,6 +54,14 @@ class ModelFn:
         return dataclasses.replace(self, **{k: f(getattr(self, k)) for k in self.BATCH_FIELDS
                                             if getattr(self, k) is not None})
 
+    def check_batch(self, batch: int) -> None:
+        """Raise if the conditioning's batch is not x_T's (before anything is traced)."""
+        for k in self.BATCH_FIELDS:
+            for leaf in jax.tree.leaves(getattr(self, k)):
+                if getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] != batch:
+                    raise ValueError(f"the model function's {k} has batch {leaf.shape[0]}, "
+                                     f"x_T has batch {batch}")
+
     def _network_inputs(self, copies: int = 1):
         """Conditioning of the network batch (uncond half first with guidance), repeated
         ``copies`` times step-major -> (context, class_labels, added_cond)."""

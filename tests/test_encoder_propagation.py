@@ -1,5 +1,7 @@
 """FasterDiffusion encoder propagation: exactness, key-step schedules, injection, pipelines."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,11 +10,12 @@ import pytest
 import jaxdiff
 import jaxdiff.zoo.digits
 from jaxdiff import solvers
-from jaxdiff.sampling import encoder_propagation, key_step_schedule
+from jaxdiff.guidance import classifier_free
+from jaxdiff.sampling import EncoderPropagation, encoder_propagation, key_step_schedule
 from jaxdiff.zoo.digits.model import NULL_LABEL, class_tokens
 
 LABELS = [3, 1, 4, 1]
-STEPS = 6      # every group is unrolled in the jitted program: few steps keep compiles short
+STEPS = 6
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +133,48 @@ def test_pipelines_take_sampler_faster(setup):
     exact = pipe(sampler="faster", sampler_options={"key_steps": "all", "noise_injection": 0},
                  **kw)
     np.testing.assert_allclose(exact, seq, atol=1e-5)
-    fast = pipe(sampler="faster", sampler_options={"key_steps": 3}, **kw)
-    assert pipe.last_stats.encoder_calls == 2 and pipe.last_stats.decoder_evaluations == STEPS
+    fast, stats = pipe.generate(sampler=EncoderPropagation(key_steps=3), **kw)
+    assert stats.encoder_calls == 2 and stats.decoder_evaluations == STEPS
     assert 1e-4 < np.abs(fast - seq).max() and np.sqrt(np.mean((fast - seq) ** 2)) < 0.25
     with pytest.raises(ValueError, match="strictly increasing"):
         pipe(sampler="faster", sampler_options={"key_steps": [0, 0]}, **kw)
+
+
+def test_guidance_rescale_is_the_model_functions(setup):
+    """Guidance (with guidance_rescale) comes from the model function: every step a key step
+    equals sequential sampling with the same rescaled guidance."""
+    pipe, cond, uncond, x_T = setup
+    s = solvers.make("ddim", pipe.schedule, STEPS)
+    fn = classifier_free(pipe.unet, cond["encoder_hidden_states"],
+                         uncond["encoder_hidden_states"], 3.0, guidance_rescale=0.7,
+                         class_labels=cond["class_labels"],
+                         uncond_class_labels=uncond["class_labels"])
+    ref = jaxdiff.sample(fn, s, x_T)
+    got, _ = encoder_propagation(fn, s, x_T, key_steps="all", noise_injection=0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+    plain = jaxdiff.sample(dataclasses.replace(fn, guidance_rescale=jnp.float32(0)), s, x_T)
+    assert np.abs(np.asarray(plain) - np.asarray(ref)).max() > 1e-3   # the rescale matters
+
+
+@pytest.mark.parametrize("chunk, decoders", [(None, 3), (1, 1), (2, 2)])
+def test_encoder_once_decoder_once_per_distinct_size(setup, monkeypatch, chunk, decoders):
+    """Six groups of sizes 1, 1, 2, 2, 3, 3: the program traces the encoder once and the
+    decoder once per distinct decoder batch (min(size, decode_chunk)), not once per group."""
+    pipe, cond, uncond, x_T = setup
+    fn = pipe.model_fn(LABELS, 2.0)
+    counts = {"encode": 0, "decode_many": 0}
+    for name in counts:
+        original = getattr(type(fn), name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            counts[_name] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(type(fn), name, counted)
+    s = solvers.make("ddim", pipe.schedule, 12)
+    ks = [0, 1, 2, 4, 6, 9]
+    out, st = encoder_propagation(fn, s, x_T, key_steps=ks, decode_chunk=chunk)
+    assert st.groups == (1, 1, 2, 2, 3, 3)
+    assert counts == {"encode": 1, "decode_many": decoders}
+    monkeypatch.undo()
+    ref, _ = encoder_propagation(fn, s, x_T, key_steps=ks, decode_chunk=None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)

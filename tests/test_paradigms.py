@@ -10,9 +10,9 @@ import jaxdiff
 from jaxdiff import solvers
 import sys
 
-import jaxdiff.sampling.paradigms  # noqa: F401
+import jaxdiff.sampling.picard  # noqa: F401
 import jaxdiff.zoo.digits  # noqa: F401
-para_mod = sys.modules["jaxdiff.sampling.paradigms"]
+para_mod = sys.modules["jaxdiff.sampling.picard"]
 from jaxdiff.zoo.digits.model import SCHEDULE
 
 SOLVERS = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 0.7}), ("euler", {}),
@@ -81,7 +81,9 @@ def test_key_and_noise_agree(inputs):
     x_T, _ = inputs
     s = solvers.make("ddpm", SCHEDULE, STEPS)
     key = jax.random.PRNGKey(5)
-    noise = jax.random.normal(key, (STEPS,) + x_T.shape)
+    # the one rule of every driver: one key per step, step i's noise drawn with key i
+    keys = jax.random.split(key, STEPS)
+    noise = jnp.stack([jax.random.normal(k, x_T.shape) for k in keys])
     a, _ = jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.1, key=key)
     b, _ = jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.1, noise=noise)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -102,6 +102,8 @@ def prepare(model_fn, solver, x_T, *, key=None, noise=None, driver: str = "sampl
     if not callable(model_fn):
         raise ValueError(f"{driver}: model_fn must be callable, got {type(model_fn).__name__}")
     x_T = check_x_T(x_T, driver, ndim)
+    if hasattr(model_fn, "check_batch"):
+        model_fn.check_batch(int(x_T.shape[0]))
     return x_T, randomness(solver, x_T, key, noise, driver)
 
 
