@@ -114,7 +114,7 @@ def test_digits_pipeline_samples_with_ratios():
     plain = pipe(**kw)
     np.testing.assert_array_equal(pipe(ratios=np.ones(STEPS), **kw), plain)
     tuned = pipe(ratios=r, **kw)
-    tuned_p = pipe(ratios=r, sampler="paradigms", parallel=1, **kw)
+    tuned_p = pipe(ratios=r, sampler=jaxdiff.sampling.Picard(parallel=1), **kw)
     assert np.abs(tuned - plain).max() > 1e-4
     np.testing.assert_allclose(tuned_p, tuned, atol=1e-5)
     with pytest.raises(ValueError, match="one entry per model evaluation"):

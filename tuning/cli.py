@@ -166,44 +166,6 @@ def plot_tuning(log, ratios, fig=None, title: Optional[str] = None):
     return fig
 
 
-class _ProgressBar:
-    """TimeTuner callback -> one tqdm bar over all (index, iteration) updates. Shown from
-    the start (the first update waits for compilation); a resumed run jumps to where its
-    checkpoint left off at the first update."""
-
-    def __init__(self, total: int, iters: int, enabled: bool = True):
-        self.iters, self.bar, self.started = iters, None, False
-        if enabled:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, desc="TimeTuner (compiling)", unit="it",
-                            file=sys.stderr)
-
-    def __call__(self, idx, it, loss, ratio):
-        import numpy as np
-        if self.bar is None:
-            return
-        if not self.started:
-            self.started = True
-            self.bar.set_description("TimeTuner", refresh=False)
-            self.bar.n = self.bar.last_print_n = (0 if idx is None else idx * self.iters) + it
-        where = {} if idx is None else {"index": int(idx)}
-        self.bar.set_postfix(where, loss=f"{float(np.mean(loss)):.4g}",
-                             ratio=(f"{float(ratio):.4f}" if np.ndim(ratio) == 0 else
-                                    f"{float(np.min(ratio)):.3f}..{float(np.max(ratio)):.3f}"),
-                             refresh=False)
-        self.bar.update(1)
-
-    def close(self, done: Optional[int] = None):
-        """``done``: updates finished (a run resumed from its last checkpoint has no
-        callbacks, so its bar is set here)."""
-        if self.bar is not None:
-            if not self.started and done is not None:
-                self.bar.set_description("TimeTuner (resumed)", refresh=False)
-                self.bar.n = self.bar.last_print_n = done
-                self.bar.refresh()
-            self.bar.close()
-
-
 # ------------------------------------------------------------------------------ checks
 def _positive_int(args, name, lo=1, hi=None, why=""):
     v = getattr(args, name.replace("-", "_"))
@@ -333,6 +295,7 @@ def tune_main(args) -> int:
     import jax
     import numpy as np
 
+    from jaxdiff.sampling.progress import resolve
     from tuning import NonFiniteLossError, save_ratios
 
     try:
@@ -344,9 +307,8 @@ def tune_main(args) -> int:
     except UsageError as e:
         return fail(e)
 
-    m = args.steps - 1
-    total = m * args.iters if args.tune_type == "sequential" else args.iters
-    bar = _ProgressBar(total, args.iters, enabled=not args.no_progress)
+    # one tqdm bar over all (index, iteration) updates, fed progress(done, total)
+    bar = resolve(not args.no_progress, "TimeTuner")
     target = jaxdiff_solver(pipe.schedule, args.solver, args.steps)
     target_ts = np.asarray(target.timesteps, np.float64)
     # DDIM: TimeTuner's reference grid (= target_ts); DPM-Solver++: the jaxdiff solver's grid
@@ -359,11 +321,9 @@ def tune_main(args) -> int:
             batches, args.steps, tune_type=args.tune_type, lr=args.lr,
             total_iters=args.iters, key=jax.random.key(args.seed),
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-            callback=bar, verbose=False, solver=args.solver, **kwargs)
+            progress=bar, verbose=False, solver=args.solver, **kwargs)
     except (ValueError, NonFiniteLossError) as e:
-        bar.close()
         return fail(e, code=1 if isinstance(e, NonFiniteLossError) else 2)
-    bar.close(done=total if log.get("resumed_from") == total else None)
     seconds = time.perf_counter() - t0
 
     meta = dict(log["meta"])          # its "timesteps" are the network-unit grid
