@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff.sampling import sequential
+from jaxdiff.sampling import Picard, sequential
 from jaxdiff.zoo import digits
 from jaxdiff.zoo.digits import data, metrics, train
 
@@ -78,15 +78,17 @@ def test_paradigms_sampler_matches_sequential_with_guidance(pipe):
     tolerance the digits equal the sequential ones; at the default it saves iterations."""
     kw = dict(labels=[3, 8, 1], num_inference_steps=30, solver="ddpm", guidance_scale=2.0,
               seed=4)
-    ref = pipe(**kw)
-    assert pipe.last_stats is None
-    tight = pipe(sampler="paradigms", parallel=10, tolerance=1e-3, **kw)
-    assert pipe.last_stats.iterations <= 30
+    ref, seq_stats = pipe.generate(**kw)
+    assert seq_stats.model_evaluations == 30
+    tight, stats = pipe.generate(sampler=Picard(parallel=10, tolerance=1e-3), **kw)
+    assert stats.iterations <= 30
     np.testing.assert_allclose(tight, ref, atol=2e-3)
-    pipe(sampler="paradigms", parallel=10, tolerance=0.1, **kw)
-    assert pipe.last_stats.iterations < 30
+    _, stats = pipe.generate(sampler="paradigms", sampler_options={"parallel": 10}, **kw)
+    assert stats.iterations < 30
     with pytest.raises(ValueError, match="sampler"):
-        pipe(sampler="picard", **kw)
+        pipe(sampler="pic4rd", **kw)
+    with pytest.raises(ValueError, match="window"):
+        pipe(sampler="paradigms", sampler_options={"window": 3}, **kw)
 
 
 def test_cli_sample_digits(tmp_path):

@@ -43,6 +43,7 @@ import torch
 
 import conversion
 from jaxdiff import solvers
+from jaxdiff.sampling import Picard
 from tiny import nhwc, rel_l2, write_tiny_pipeline
 
 STEPS = 20
@@ -110,10 +111,10 @@ def test_matches_diffusers_paradigms(pipes, name, parallel, batch, tolerance):
     noise = np.stack([nhwc(torch.randn(latents.shape, generator=g).numpy())
                       for _ in range(STEPS)])
     solver = solvers.from_diffusers({**dict(config), "_class_name": SCHEDULERS[name][0]}, STEPS)
-    got = pipe(**prompts, num_inference_steps=STEPS, guidance_scale=7.5, solver=solver,
-               latents=nhwc(latents.numpy()), noise=noise, sampler="paradigms",
-               parallel=parallel, tolerance=tolerance, output_type="latent")
-    stats = pipe.last_stats
+    got, stats = pipe.generate(**prompts, num_inference_steps=STEPS, guidance_scale=7.5,
+                               solver=solver, latents=nhwc(latents.numpy()), noise=noise,
+                               sampler=Picard(parallel=parallel, tolerance=tolerance),
+                               output_type="latent")
     err = rel_l2(got, nhwc(want))
     print(f"{name} parallel={parallel} batch={batch} tolerance={tolerance}: iterations "
           f"jaxdiff {stats.iterations}, diffusers {len(want_begins)} of {STEPS} steps; "

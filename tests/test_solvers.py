@@ -285,9 +285,9 @@ def test_jit_of_sample_and_progress():
     solver = solvers.make("dpm++", None, 3)
     calls = []
     x_T = jnp.ones((1, 2, 2, 1))
-    out = sample(toy_jax, solver, x_T, progress=lambda i, n: calls.append((int(i), int(n))))
+    out = sample(toy_jax, solver, x_T, progress=lambda d, n: calls.append((int(d), int(n))))
     jax.effects_barrier()
-    assert sorted(calls) == [(0, 3), (1, 3), (2, 3)]
+    assert sorted(calls) == [(1, 3), (2, 3), (3, 3)]     # progress(done, total)
     jitted = jax.jit(lambda x: sample(toy_jax, solver, x))
     np.testing.assert_allclose(np.asarray(jitted(x_T)), np.asarray(out), atol=1e-6)
 
