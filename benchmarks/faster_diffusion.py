@@ -213,11 +213,10 @@ def digits_part(a, log) -> dict:
             kw = dict(base) if alpha is None else dict(
                 base, sampler="faster",
                 sampler_options={"key_steps": "paper", "noise_injection": alpha})
-            fns[vname] = (lambda kw=kw: pipe(**kw))
+            fns[vname] = (lambda kw=kw: pipe.generate(**kw))
         first, images, stats, times = {}, {}, {}, {v: [] for v in fns}
         for vname, fn in fns.items():
-            images[vname], first[vname] = _time(fn)
-            stats[vname] = pipe.last_stats
+            (images[vname], stats[vname]), first[vname] = _time(fn)
         for r in range(a.digits_repeats):  # interleaved
             for vname, fn in fns.items():
                 times[vname].append(_time(fn)[1])
@@ -226,9 +225,10 @@ def digits_part(a, log) -> dict:
             img, med = images[vname], statistics.median(times[vname])
             mse = np.mean((img - full) ** 2, axis=(1, 2, 3))
             st = stats[vname]
-            k = st.encoder_calls if st is not None else steps
+            propagated = hasattr(st, "encoder_calls")
+            k = st.encoder_calls if propagated else steps
             row = dict(solver=label, steps=steps, variant=vname, encoder_calls=k,
-                       mflops=(steps * calls["full"] if st is None else
+                       mflops=(steps * calls["full"] if not propagated else
                                k * calls["enc"] + steps * calls["dec"]) / 1e6,
                        accuracy=metrics.accuracy(img, labels), fd=metrics.fd_digits(img),
                        psnr=(float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10))))

@@ -116,6 +116,7 @@ def run(steps=1000, parallel=100, tolerance=0.1, repeats=3, diffusers_repeats=No
 
     import conversion
     from jaxdiff import solvers
+    from jaxdiff.sampling import Picard
 
     diffusers_repeats = repeats if diffusers_repeats is None else diffusers_repeats
     folder = _tiny_folder()
@@ -140,9 +141,9 @@ def run(steps=1000, parallel=100, tolerance=0.1, repeats=3, diffusers_repeats=No
               noise=noise, output_type="latent")
 
     def jax_paradigms(chunk="auto"):
-        out = np.asarray(pipe(PROMPT, sampler="paradigms", parallel=parallel,
-                              tolerance=tolerance, sampler_options={"chunk": chunk}, **kw))
-        return out, pipe.last_stats
+        out, stats = pipe.generate(PROMPT, sampler=Picard(parallel=parallel,
+                                                          tolerance=tolerance, chunk=chunk), **kw)
+        return np.asarray(out), stats
 
     def jax_batched():      # the whole window as one batched UNet call
         return jax_paradigms(None)

@@ -67,6 +67,7 @@ def main(argv=None) -> list[dict]:
     import jax
     import numpy as np
 
+    from jaxdiff.sampling import Picard
     from jaxdiff.zoo import digits
     from jaxdiff.zoo.digits import metrics
 
@@ -86,8 +87,8 @@ def main(argv=None) -> list[dict]:
 
     def timed(**kw):  # one call each (compilation included): the cost is in `evals`
         t0 = time.perf_counter()
-        out = pipe(seed=a.seed, **kw)
-        return out, time.perf_counter() - t0, pipe.last_stats
+        out, stats = pipe.generate(seed=a.seed, **kw)
+        return out, time.perf_counter() - t0, stats
 
     for solver, steps in grid["configs"]:
         base = dict(labels=labels, num_inference_steps=steps, solver=solver)
@@ -97,7 +98,7 @@ def main(argv=None) -> list[dict]:
         runs = grid.get("runs", {}).get((solver, steps)) or [
             (par, tol) for par in grid["parallel"] for tol in grid["tolerance"]]
         for par, tol in runs:
-            out, t_par, st = timed(sampler="paradigms", parallel=par, tolerance=tol, **base)
+            out, t_par, st = timed(sampler=Picard(parallel=par, tolerance=tol), **base)
             diff = np.sqrt(np.mean((out - seq) ** 2, axis=(1, 2, 3)))
             row = dict(solver=solver, steps=steps, parallel=par, tolerance=tol,
                        iterations=st.iterations, evals=st.model_evaluations,
