@@ -1,11 +1,11 @@
 """One shared suite for every solver: step-by-step parity with diffusers' PyTorch schedulers
 (same model outputs fed back, same noise; every step's x within 1e-5 in float32), plus the
-driver checks every solver must pass (shape/dtype, jit, determinism, no recompilation,
-finite gradients), config validation, schedules and the Picard split."""
+config validation, schedules and the Picard split; the driver contract (shape/dtype, jit,
+determinism, no recompilation, gradients) runs over every driver x solver in
+tests/test_drivers.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import zlib
 
@@ -19,19 +19,12 @@ diffusers = pytest.importorskip("diffusers")
 
 from jaxdiff import schedules, solvers  # noqa: E402
 from jaxdiff.sampling import sample  # noqa: E402
-from jaxdiff.sampling import sequential  # noqa: E402
+from tiny import toy_jax  # noqa: E402
 
 TOL = 1e-5                      # max abs error per step, float32
 SHAPE = (2, 3, 4, 4)            # solvers are elementwise: any layout works for parity
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 MAX_ERRORS: dict = {}
-
-
-# ------------------------------------------------------------------------------ toy model
-def toy_jax(x, t):
-    """A smooth model function for the driver checks (any magnitude will do there)."""
-    t = t.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
-    return jnp.tanh(0.7 * x) * jnp.cos(t / 250.0) + 0.1 * jnp.sin(x + t / 400.0)
 
 
 def _denoiser(lib, x, t, ac, prediction_type, sd2=0.5):
@@ -220,65 +213,8 @@ def test_parity_with_diffusers(cls_name, config, n, step_kwargs, monkeypatch, re
     assert err.max() <= TOL, f"first step over tolerance: {int(np.argmax(err > TOL))}, {err}"
 
 
-# ------------------------------------------------------------------------------ shared checks
-TRACES = {"n": 0}
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ToyModel:
-    """A model function as a pytree: its weight is a traced jit argument."""
-    w: jax.Array
-
-    def __call__(self, x, t):          # x [N, H, W, C], t [N]
-        TRACES["n"] += 1               # runs only while tracing
-        return toy_jax(self.w * x, t)
-
-
-SHARED = ["ddpm", "ddim", "pndm", "euler", "euler_a", "heun", "lms", "dpm++", "unipc"]
-SHARED_OPTS = {"ddim": dict(eta=0.5), "dpm++": dict(solver_order=3)}
-
-
-@pytest.mark.parametrize("name", SHARED + ["sde-dpm++"])
-def test_driver_contract(name):
-    opts = dict(SHARED_OPTS.get(name, {}))
-    if name == "sde-dpm++":
-        name, opts = "dpm++", dict(algorithm_type="sde-dpmsolver++")
-    solver = solvers.make(name, dict(SD, _class_name="PNDMScheduler", skip_prk_steps=True), 4,
-                          **opts)
-    assert solver.num_steps == len(solver.timesteps)
-    x_T = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
-    model = ToyModel(jnp.float32(1.0))
-    k1, k2 = jax.random.key(1), jax.random.key(2)
-
-    out = sample(model, solver, x_T, key=k1)
-    assert out.shape == x_T.shape and out.dtype == x_T.dtype
-    assert np.isfinite(np.asarray(out)).all()
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(sample(model, solver, x_T, key=k1)))
-
-    traces, cache = TRACES["n"], sequential._run._cache_size()
-    other = sample(ToyModel(jnp.float32(0.9)), solver, x_T * 0.5, key=k2)
-    again = solver.__class__(**{f.name: getattr(solver, f.name)
-                                for f in dataclasses.fields(solver)})
-    sample(model, again, x_T, key=k2)                  # an equal solver rebuilt: same program
-    assert TRACES["n"] == traces and sequential._run._cache_size() == cache, "recompiled"
-    if solver.stochastic:
-        assert not np.allclose(np.asarray(other),
-                               np.asarray(sample(ToyModel(jnp.float32(0.9)), solver, x_T * 0.5,
-                                                 key=k1)))
-        with pytest.raises(ValueError, match="stochastic"):
-            sample(model, solver, x_T)
-        noise = jax.random.normal(k1, (solver.num_steps,) + x_T.shape)
-        assert np.isfinite(np.asarray(sample(model, solver, x_T, noise=noise))).all()
-    else:
-        np.testing.assert_array_equal(np.asarray(sample(model, solver, x_T)), np.asarray(out))
-
-    def loss(x, w):
-        return jnp.sum(sample(ToyModel(w), solver, x, key=k1) ** 2)
-
-    gx, gw = jax.grad(loss, argnums=(0, 1))(x_T[:1, :4, :4], jnp.float32(1.0))
-    assert np.isfinite(np.asarray(gx)).all() and np.isfinite(float(gw))
-    assert float(jnp.abs(gx).max()) > 0
+# ------------------------------------------------------------------------------ driver checks
+# The contract every driver x solver passes is tests/test_drivers.py.
 
 
 def test_jit_of_sample_and_progress():

@@ -196,3 +196,48 @@ def write_tiny_pipeline(folder, seed=0):
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return pipe
+
+
+# ------------------------------------------------------------------------------ toy model functions
+# Shared by the driver contract (tests/test_drivers.py) and the solver suite.
+import collections  # noqa: E402
+import dataclasses  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+TRACES = collections.Counter()    # model calls while tracing, per kind: "does not recompile"
+
+
+def toy_jax(x, t):
+    """A smooth model function for the driver checks (any magnitude will do there)."""
+    t = t.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.tanh(0.7 * x) * jnp.cos(t / 250.0) + 0.1 * jnp.sin(x + t / 400.0)
+
+
+class ToyFeatures(collections.namedtuple("ToyFeatures", "skips mid emb")):
+    """What ``ToyModel.encode`` hands its decoder (the UNet's ``Encoded`` layout)."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ToyModel:
+    """A model function as a pytree (its weight is a traced jit argument) that can also run
+    as an encoder and a decoder, like ``jaxdiff.guidance.ModelFn``: the "encoder" features
+    are w * x at the key step, the "decoder" applies ``toy_jax`` at its own time. So
+    ``decode_many(encode(x, t), [t])[0] == model(x, t)`` and every driver can use it."""
+
+    w: jax.Array
+
+    def __call__(self, x, t):          # x [N, H, W, C], t [N]
+        TRACES["call"] += 1            # runs only while tracing
+        return toy_jax(self.w * x, t)
+
+    def encode(self, x, t):
+        TRACES["encode"] += 1
+        return ToyFeatures((self.w * x,), self.w * x, t)
+
+    def decode_many(self, features, ts):   # ts [g] -> [g, N, ...]
+        TRACES["decode"] += 1
+        x = features.mid
+        return jax.vmap(lambda t: toy_jax(x, jnp.broadcast_to(t, (x.shape[0],))))(ts)

@@ -54,7 +54,7 @@ class ParadigmsStats:
     max over the batch of (error / (tolerance^2 * variance)) at window position j
     (<= 1 means converged, NaN where the window ran past the end)."""
 
-    iterations: int
+    iterations: int            # (traced arrays, padded to num_steps, under an outer jit)
     model_evaluations: int
     num_steps: int
     parallel: int
@@ -268,10 +268,14 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
                                            window=window, parallel=p, mode=mode, mesh=mesh,
                                            progress=progress, chunk=chunk,
                                            leaf_specs=leaf_specs)
-    it = int(it)
-    stats = ParadigmsStats(iterations=it, model_evaluations=int(evals), num_steps=n,
-                           parallel=p, begins=np.asarray(begins)[:it],
-                           errors=np.asarray(errors)[:it])
+    if isinstance(it, jax.core.Tracer):     # paradigms itself under an outer jit
+        stats = ParadigmsStats(iterations=it, model_evaluations=evals, num_steps=n,
+                               parallel=p, begins=begins, errors=errors)
+    else:
+        it = int(it)
+        stats = ParadigmsStats(iterations=it, model_evaluations=int(evals), num_steps=n,
+                               parallel=p, begins=np.asarray(begins)[:it],
+                               errors=np.asarray(errors)[:it])
     return x0, stats
 
 
