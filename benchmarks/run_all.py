@@ -12,6 +12,7 @@ import paradigms_digits  # noqa: E402
 import sampling  # noqa: E402
 import timetuner_digits  # noqa: E402
 import unet_forward  # noqa: E402
+import compile_times  # noqa: E402
 
 
 def main():
@@ -23,6 +24,7 @@ def main():
     paradigms_digits.main(["--grid", "quick", "--per-class", "5"])
     timetuner_digits.main([])
     faster_diffusion.main([])
+    compile_times.main([])
 
 
 if __name__ == "__main__":

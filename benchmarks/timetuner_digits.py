@@ -76,7 +76,7 @@ def main(argv=None) -> list[dict]:
     import numpy as np
 
     from jaxdiff.zoo.digits import metrics
-    from tuning.demo_digits import build_tuner
+    from tuning.digits import build_tuner
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=100, help="tuning iterations per ratio")

@@ -253,7 +253,7 @@ def _digits_setup(args):
     """-> (tuner, data, pipeline) for the embedded digits model."""
     import jaxdiff.zoo.digits as digits
     from jaxdiff.zoo.digits import data
-    from tuning.demo_digits import build_tuner
+    from tuning.digits import build_tuner
 
     train = data.load("train")
     if args.batch > len(train.labels):

@@ -1,6 +1,6 @@
 """TimeTuner on the digits zoo model: few-step DDIM with and without tuned ratios.
 
-    python -m tuning.demo_digits --steps 5 10 --iters 60 --batch 16
+    python -m demos.timetuner_digits --steps 5 10 --iters 60 --batch 16
 
 Tunes the ratios of the class-conditional digits UNet on the training split (labels as
 the condition) and reports classifier accuracy and FD-digits of ``--per-class`` samples per
@@ -11,7 +11,6 @@ benchmark: FD on a few hundred samples moves by about as much as tuning does.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
@@ -19,28 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tuning import NoiseScheduleVP, TimeTuner, model_wrapper
-
-
-def _with_labels(model_fn, x, t, labels):
-    """The digits model function with this batch's labels as its condition."""
-    from jaxdiff.zoo.digits.model import class_tokens
-    labels = labels.astype(jnp.int32)
-    return dataclasses.replace(model_fn, cond=class_tokens(labels), class_labels=labels)(x, t)
-
-
-def build_tuner():
-    import jaxdiff.zoo.digits as digits
-    from jaxdiff.guidance import classifier_free
-    from jaxdiff.zoo.digits.model import SCHEDULE, alphas_cumprod, class_tokens
-
-    pipe = digits.load()
-    ns = NoiseScheduleVP("discrete", alphas_cumprod=alphas_cumprod(SCHEDULE))
-    one = jnp.zeros((1,), jnp.int32)
-    # a pytree (weights are leaves), so the tuning step takes them as arguments
-    net = jax.tree_util.Partial(_with_labels,
-                                classifier_free(pipe.unet, class_tokens(one), class_labels=one))
-    return TimeTuner(model_wrapper(net, ns, guidance_type="classifier-free"), ns)
+from tuning.digits import build_tuner
 
 
 def main(argv=None):
