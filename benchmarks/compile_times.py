@@ -4,8 +4,9 @@ propagation with the paper's key steps, batched groups and ``decode_chunk=1``.
 
 Compile time = first call (trace + compile + run) minus the median of warm calls. Encoder
 propagation traces the encoder once and the decoder once per distinct decoder batch (the
-paper's DDIM-50 key steps give groups of 1, 2, 5, 10 and 15 steps: five decoders batched,
-one with decode_chunk=1); before, every one of the nine groups was unrolled (139 s against
+paper's DDIM-50 key steps give groups of 1, 2, 5, 10 and 15 steps: five decoders with
+whole groups batched, two with decode_chunk=5 (calls of 5 steps and single steps), one with
+decode_chunk=1); before, every one of the nine groups was unrolled (139 s against
 ~12 s for the sequential sampler, RESULTS.md of 2026-11-30).
 
     python benchmarks/compile_times.py [--repeats 2] [--size 16]
@@ -50,6 +51,8 @@ def main(argv=None) -> dict:
                                        clip_sample=False, set_alpha_to_one=False), a.steps)
     samplers = {"sequential": Sequential(),
                 "propagation (groups batched)": EncoderPropagation(key_steps="paper"),
+                "propagation (decode_chunk=5)": EncoderPropagation(key_steps="paper",
+                                                                   decode_chunk=5),
                 "propagation (decode_chunk=1)": EncoderPropagation(key_steps="paper",
                                                                    decode_chunk=1)}
 

@@ -159,7 +159,8 @@ def test_guidance_rescale_is_the_model_functions(setup):
 @pytest.mark.parametrize("chunk, decoders", [(None, 3), (1, 1), (2, 2)])
 def test_encoder_once_decoder_once_per_distinct_size(setup, monkeypatch, chunk, decoders):
     """Six groups of sizes 1, 1, 2, 2, 3, 3: the program traces the encoder once and the
-    decoder once per distinct decoder batch (min(size, decode_chunk)), not once per group."""
+    decoder once per distinct decoder batch (group sizes; or k and 1 with decode_chunk=k),
+    not once per group."""
     pipe, cond, uncond, x_T = setup
     fn = pipe.model_fn(LABELS, 2.0)
     counts = {"encode": 0, "decode_many": 0}

@@ -15,9 +15,10 @@ the same perturbation as for DDIM.
 
 With every step a key step and injection off this is exactly sequential sampling. The whole
 sample is one ``jax.jit`` program: a ``lax.scan`` over the groups whose body runs the encoder
-once and, through ``lax.switch``, one decoder branch per distinct decoder batch (group size,
-or ``decode_chunk``), so the program compiles the encoder once and the decoder once per
-distinct size, however many groups there are.
+once and then the decoder: with ``decode_chunk=None`` one branch per distinct group size
+(``lax.switch``), with ``decode_chunk=k`` calls of k steps and single-step calls for the
+remainder (two decoders). The program holds the encoder once and the decoder once per
+distinct decoder batch, however many groups there are.
 
 The model function is a ``jaxdiff.guidance`` model function (or anything with the same
 ``encode(x, t)`` and ``decode_many(features, ts)``): guidance, guidance_rescale and the
@@ -100,18 +101,22 @@ class PropagationStats:
 
 
 def _groups(key_steps, n: int, chunk):
-    """-> (groups [(start, size, branch)], branch chunk sizes): each group's steps are decoded
-    ``branch chunk`` at a time (the whole group when ``chunk`` is None)."""
+    """-> (groups [(start, size, branch)], decoder batches). ``chunk`` None: each group is one
+    decoder call, one branch per distinct group size (``branch`` indexes ``batches``).
+    ``chunk`` k: every group runs size // k calls of k steps and size % k calls of one step,
+    so the program holds at most two decoders whatever the schedule."""
     bounds = list(key_steps) + [n]
     sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-    per_group = [g if chunk is None else min(chunk, g) for g in sizes]
-    branches = tuple(sorted(set(per_group)))
-    return tuple((a, g, branches.index(c)) for a, g, c in zip(bounds, sizes, per_group)), branches
+    if chunk is None:
+        batches = tuple(sorted(set(sizes)))
+        return tuple((a, g, batches.index(g)) for a, g in zip(bounds, sizes)), batches
+    return tuple((a, g, 0) for a, g in zip(bounds, sizes)), (int(chunk),)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "branches", "mode", "inject", "progress"))
-def _run(dynamic, x_T, rand, starts, sizes, branch_ids, alpha, threshold, *, spec, branches,
-         mode, inject, progress):
+@functools.partial(jax.jit, static_argnames=("spec", "batches", "chunked", "mode", "inject",
+                                             "progress"))
+def _run(dynamic, x_T, rand, starts, sizes, branch_ids, alpha, threshold, *, spec, batches,
+         chunked, mode, inject, progress):
     model_fn, solver = combine(dynamic, spec)
     n = solver.num_steps
     dtype = x_T.dtype
@@ -125,35 +130,28 @@ def _run(dynamic, x_T, rand, starts, sizes, branch_ids, alpha, threshold, *, spe
         new = (x + alpha * x_T / solver.scale_model_input(ones, i)).astype(dtype)
         return jnp.where(timesteps[i] < threshold, new, x)
 
-    def solver_steps(x, state, start, size, first, outs, k):
-        """Steps start + first .. + k - 1 (those inside the group) with outputs [k, B, ...]."""
-        def one(carry, j):
-            x, state = carry
-            rel = first + j
-            i = jnp.minimum(start + rel, n - 1)
-            valid = rel < size
-            xi = jnp.where(rel > 0, injected(x, i), x)
-            eps = prelude.step_noise(mode, rand, i, x.shape, dtype)
-            x_new, state_new = solver.step(state, i, xi, outs[j].astype(dtype), eps)
-            keep = lambda a, b: jnp.where(valid, a, b)  # noqa: E731
-            return (keep(x_new, x), jax.tree.map(keep, state_new, state)), None
-
-        (x, state), _ = jax.lax.scan(one, (x, state), jnp.arange(k, dtype=jnp.int32))
-        return x, state
-
-    def make_branch(k):
-        def branch(features, x, state, start, size):
-            def chunk_body(c, carry):
+    def decode_and_step(k):
+        """-> f(features, x, state, start, first, count): ``count`` decoder calls of k steps
+        each, from the group's step ``first`` on, each followed by its k solver steps."""
+        def run_calls(features, x, state, start, first, count):
+            def call(c, carry):
                 x, state = carry
-                first = c * k
-                idx = jnp.minimum(start + first + jnp.arange(k, dtype=jnp.int32), n - 1)
-                outs = model_fn.decode_many(features, timesteps[idx])
-                return solver_steps(x, state, start, size, first, outs, k)
+                rel0 = first + c * k
+                outs = model_fn.decode_many(
+                    features, timesteps[start + rel0 + jnp.arange(k, dtype=jnp.int32)])
 
-            return jax.lax.fori_loop(0, (size + k - 1) // k, chunk_body, (x, state))
-        return branch
+                def one(carry, j):
+                    x, state = carry
+                    rel = rel0 + j
+                    i = start + rel
+                    xi = jnp.where(rel > 0, injected(x, i), x)
+                    eps = prelude.step_noise(mode, rand, i, x.shape, dtype)
+                    return solver.step(state, i, xi, outs[j].astype(dtype), eps), None
 
-    table = [make_branch(k) for k in branches]
+                return jax.lax.scan(one, (x, state), jnp.arange(k, dtype=jnp.int32))[0]
+
+            return jax.lax.fori_loop(0, count, call, (x, state))
+        return run_calls
 
     def group(carry, inputs):
         x, state = carry
@@ -161,10 +159,19 @@ def _run(dynamic, x_T, rand, starts, sizes, branch_ids, alpha, threshold, *, spe
         x = injected(x, start)
         xin = solver.scale_model_input(x, start)
         features = model_fn.encode(xin, jnp.broadcast_to(timesteps[start], (x.shape[0],)))
-        if len(table) == 1:
-            x, state = table[0](features, x, state, start, size)
-        else:
-            x, state = jax.lax.switch(b, table, features, x, state, start, size)
+        if chunked:        # size // k calls of k steps, then size % k single steps
+            k = batches[0]
+            x, state = decode_and_step(k)(features, x, state, start, 0, size // k)
+            if k > 1:
+                x, state = decode_and_step(1)(features, x, state, start, (size // k) * k,
+                                              size % k)
+        else:              # the whole group in one call: one branch per distinct size
+            table = [lambda f, x, st, s0, g=g: decode_and_step(g)(f, x, st, s0, 0, 1)
+                     for g in batches]
+            if len(table) == 1:
+                x, state = table[0](features, x, state, start)
+            else:
+                x, state = jax.lax.switch(b, table, features, x, state, start)
         prog.report(progress, start + size, n)
         return (x, state), None
 
@@ -188,9 +195,11 @@ def encoder_propagation(model_fn, solver, x_T, *, key_steps, noise_injection: fl
     below ``injection_threshold``. ``key`` / ``noise``: randomness for stochastic solvers,
     the same rule as every driver (``jaxdiff.sampling.prelude``). ``progress``: as for
     ``jaxdiff.sample`` (reported after every group).
-    ``decode_chunk``: None decodes each group in one batched call (the paper's layout, best
-    on accelerators and for large models); an int k decodes k of the group's steps per call,
-    which is faster on a CPU when the tensors are small. Same result either way.
+    ``decode_chunk``: None decodes each group in one batched call (the paper's layout; the
+    program holds one decoder per distinct group size); an int k decodes k of the group's
+    steps per call and the remainder one step per call (at most two decoders in the program:
+    compile time near the sequential sampler's; k = 1 is also the faster layout for small
+    models on a CPU). Same result either way.
     """
     if decode_chunk is not None and (isinstance(decode_chunk, bool) or not isinstance(
             decode_chunk, numbers.Integral) or decode_chunk < 1):
@@ -210,11 +219,13 @@ def encoder_propagation(model_fn, solver, x_T, *, key_steps, noise_injection: fl
     alpha = float(noise_injection)
     if not np.isfinite(alpha) or alpha < 0:
         raise ValueError(f"noise_injection must be >= 0, got {noise_injection!r}")
-    groups, branches = _groups(ks, n, None if decode_chunk is None else int(decode_chunk))
+    chunk = None if decode_chunk is None else int(decode_chunk)
+    groups, batches = _groups(ks, n, chunk)
     cols = [jnp.asarray([g[c] for g in groups], jnp.int32) for c in range(3)]
     dynamic, spec = partition((model_fn, solver))
     x0 = _run(dynamic, x_T, rand.value, *cols, jnp.float32(alpha),
-              jnp.float32(injection_threshold), spec=spec, branches=branches, mode=rand.mode,
+              jnp.float32(injection_threshold), spec=spec, batches=batches,
+              chunked=chunk is not None, mode=rand.mode,
               inject=alpha > 0, progress=prog.resolve(progress, "encoder propagation"))
     stats = PropagationStats(encoder_calls=len(ks), decoder_evaluations=n, num_steps=n,
                              key_steps=ks, groups=tuple(g for _, g, _ in groups))

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel as par
+from jaxdiff.guidance import ModelFn
 from jaxdiff.sampling import prelude
 from jaxdiff.sampling import progress as prog
 from jaxdiff.sampling.pytree import combine, partition
@@ -282,14 +283,9 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
 def _shard_model_fn(model_fn, mesh):
     """A guidance model function with its per-sample conditioning split over the mesh's
     prompts axis; other model functions are returned as they are (their owner lays them out)."""
-    from jaxdiff.guidance import ModelFn
     if not isinstance(model_fn, ModelFn):
         return model_fn
-    fields = ("cond", "uncond", "class_labels", "uncond_class_labels", "added_cond",
-              "uncond_added_cond")
-    return dataclasses.replace(model_fn, **{
-        f: par.shard_batch(getattr(model_fn, f), mesh) for f in fields
-        if getattr(model_fn, f) is not None})
+    return model_fn.map_batch(lambda leaf: par.shard_batch(leaf, mesh))
 
 
 __all__ = ["METHODS", "ParadigmsStats", "paradigms"]
