@@ -41,6 +41,9 @@ STEPS = 6
 DRIVERS = {
     "sequential": (Sequential(), ALL, sequential._run),
     "picard": (Picard(parallel=3, tolerance=1e-3), PICARD, picard._run),
+    "parasolver": (Picard(parallel=3, tolerance=1e-3, method="parasolver"), PICARD,
+                   picard._run),
+    "taa": (Picard(parallel=3, tolerance=1e-3, method="taa"), PICARD, picard._run),
     "propagation": (EncoderPropagation(key_steps=[0, 2, 3], noise_injection=0.01), ALL,
                     propagation._run),
 }

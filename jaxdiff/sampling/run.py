@@ -47,18 +47,27 @@ class Picard:
     """Picard iterations over a sliding window of ``parallel`` steps (``jaxdiff.paradigms``):
     ``tolerance`` as a fraction of each step's noise std; ``mesh`` splits the window over
     devices; ``chunk`` is the window layout (None: one batched call; int: that many
-    positions per call; "auto"); ``method`` how new window positions are initialised."""
+    positions per call; "auto"); ``method`` how new window positions are initialised
+    ("paradigms" | "parasolver" | "taa"); ``warmup`` sequential steps before the window
+    opens; for "taa" the residual ``order`` (None: the window), Anderson ``history`` and its
+    regularisation ``lam``."""
 
     parallel: int = 16
     tolerance: float = 0.1
     method: str = "paradigms"
     mesh: Any = None
     chunk: Union[int, str, None] = "auto"
+    warmup: Optional[int] = None
+    order: Optional[int] = None
+    history: int = 2
+    lam: float = 1e-3
 
     def run(self, model_fn, solver, x_T, *, key=None, noise=None, progress=None):
         return paradigms(model_fn, solver, x_T, parallel=self.parallel,
                          tolerance=self.tolerance, method=self.method, mesh=self.mesh,
-                         chunk=self.chunk, key=key, noise=noise, progress=progress)
+                         chunk=self.chunk, warmup=self.warmup, order=self.order,
+                         history=self.history, lam=self.lam, key=key, noise=noise,
+                         progress=progress)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,15 @@ class Solver:
         raise NotImplementedError(f"{type(self).__name__} is a multistep solver: its step depends "
                                   "on history, so it has no single-step Picard split")
 
+    def data_prediction(self, i, x, model_output):
+        """x0 predicted at step i from x and the model output (after clipping/thresholding)."""
+        raise NotImplementedError(f"{type(self).__name__} has no data prediction")
+
+    def output_for_x0(self, i, x, x0):
+        """The model output at step i whose data prediction is ``x0`` (ParaSolver fills new
+        window positions by steps with the data prediction held fixed)."""
+        raise NotImplementedError(f"{type(self).__name__} has no x0 -> output map")
+
     def picard_variance(self):
         """[num_steps] per-step noise variance that scales ParaDiGMS' tolerance: the error of
         the latent entering step k is compared with tolerance^2 * picard_variance()[k]."""
@@ -124,6 +133,35 @@ class Solver:
         return self.num_steps
 
 
+class VPPrediction:
+    """Data prediction and its inverse for solvers with VP tables ``sqrt_abar`` /
+    ``sqrt_1m_abar`` and diffusers' clipping / thresholding fields (DDPM, DDIM)."""
+
+    def _post(self, x0):
+        return postprocess_x0(x0, thresholding=self.thresholding, clip_sample=self.clip_sample,
+                              clip_sample_range=self.clip_sample_range,
+                              dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
+                              sample_max_value=self.sample_max_value)
+
+    def data_prediction(self, i, x, model_output):
+        return self._post(vp_x0(self.prediction_type, model_output, x, at(self.sqrt_abar, i),
+                                at(self.sqrt_1m_abar, i)))
+
+    def output_for_x0(self, i, x, x0):
+        return vp_output(self.prediction_type, x0, x, at(self.sqrt_abar, i),
+                         at(self.sqrt_1m_abar, i))
+
+
+class VEPrediction:
+    """The same for k-diffusion (VE) solvers with ``sigmas`` [N + 1] (Euler, Euler a)."""
+
+    def data_prediction(self, i, x, model_output):
+        return ve_x0(self.prediction_type, model_output, x, at(self.sigmas, i))
+
+    def output_for_x0(self, i, x, x0):
+        return ve_output(self.prediction_type, x0, x, at(self.sigmas, i))
+
+
 def vp_step_variance(a_t, a_prev):
     """DDPM posterior variance of each step from abar_t, abar_prev [N]:
     (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev), as diffusers' DDIM
@@ -146,6 +184,26 @@ def vp_x0(prediction_type: str, model_output, x, alpha, sigma):
     if prediction_type == "v_prediction":
         return alpha * x - sigma * model_output
     return model_output
+
+
+def vp_output(prediction_type: str, x0, x, alpha, sigma):
+    """The model output whose x0 prediction at x is ``x0`` (inverse of ``vp_x0``): what the
+    network would have to say for a given data estimate (ParaSolver's extrapolation)."""
+    if prediction_type == "epsilon":
+        return (x - alpha * x0) / sigma
+    if prediction_type == "v_prediction":
+        return (alpha * x - x0) / sigma
+    return x0
+
+
+def ve_output(prediction_type: str, x0, x, sigma):
+    """Inverse of ``ve_x0``: the model output whose x0 prediction at x is ``x0``."""
+    if prediction_type == "epsilon":
+        return (x - x0) / sigma
+    if prediction_type == "v_prediction":
+        s2 = sigma * sigma + 1
+        return (x / s2 - x0) * jnp.sqrt(s2) / sigma
+    return x0
 
 
 def vp_eps(prediction_type: str, model_output, x, alpha, sigma):

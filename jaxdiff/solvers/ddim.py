@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
-from jaxdiff.solvers.base import (Solver, vp_step_variance, at, check_prediction_type, choose, f32,
-                                  postprocess_x0, schedule_from, solver_dataclass,
+from jaxdiff.solvers.base import (Solver, VPPrediction, vp_step_variance, at, check_prediction_type, choose, f32,
+                                  schedule_from, solver_dataclass,
                                   static_field, vp_eps, vp_x0)
 
 DIFFUSERS_CLASS = "DDIMScheduler"
@@ -22,7 +22,7 @@ STEP_OPTIONS = dict(eta=0.0, use_clipped_model_output=False)
 
 
 @solver_dataclass
-class DDIM(Solver):
+class DDIM(VPPrediction, Solver):
     timesteps: jax.Array             # [N]
     sqrt_abar: jax.Array             # [N] sqrt(abar_t)
     sqrt_1m_abar: jax.Array          # [N] sqrt(1 - abar_t)
@@ -44,12 +44,8 @@ class DDIM(Solver):
 
     def _mean_std(self, i, x, model_output):
         a, s = at(self.sqrt_abar, i), at(self.sqrt_1m_abar, i)
-        x0 = vp_x0(self.prediction_type, model_output, x, a, s)
+        x0 = self._post(vp_x0(self.prediction_type, model_output, x, a, s))
         eps = vp_eps(self.prediction_type, model_output, x, a, s)
-        x0 = postprocess_x0(x0, thresholding=self.thresholding, clip_sample=self.clip_sample,
-                            clip_sample_range=self.clip_sample_range,
-                            dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
-                            sample_max_value=self.sample_max_value)
         if self.use_clipped_model_output:
             eps = (x - a * x0) / s
         mean = at(self.sqrt_abar_prev, i) * x0 + at(self.dir_coef, i) * eps

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
-from jaxdiff.solvers.base import (Solver, at, check_prediction_type, choose, f32,
+from jaxdiff.solvers.base import (Solver, VPPrediction, at, check_prediction_type, choose, f32,
                                   postprocess_x0, schedule_from, solver_dataclass,
                                   static_field, vp_x0)
 
@@ -22,7 +22,7 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
 @solver_dataclass
-class DDPM(Solver):
+class DDPM(VPPrediction, Solver):
     timesteps: jax.Array             # [N] model time
     sqrt_abar: jax.Array             # [N] sqrt(alphas_cumprod[t])
     sqrt_1m_abar: jax.Array          # [N] sqrt(1 - alphas_cumprod[t])

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import schedules
-from jaxdiff.solvers.base import (Solver, at, check_prediction_type, choose, f32,
+from jaxdiff.solvers.base import (Solver, VEPrediction, at, check_prediction_type, choose, f32,
                                   require_default, schedule_from, solver_dataclass,
                                   static_field, ve_step_variance, ve_x0)
 
@@ -60,7 +60,7 @@ def sigma_schedule(cfg, num_inference_steps: int, solver: str, *, karras_config_
 
 
 @solver_dataclass
-class Euler(Solver):
+class Euler(VEPrediction, Solver):
     timesteps: jax.Array          # [N]
     sigmas: jax.Array             # [N + 1]
     init_noise_sigma: jax.Array   # scalar

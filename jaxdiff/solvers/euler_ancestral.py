@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.solvers.base import (Solver, at, check_prediction_type, f32, solver_dataclass,
+from jaxdiff.solvers.base import (Solver, VEPrediction, at, check_prediction_type, f32, solver_dataclass,
                                   static_field, ve_step_variance, ve_x0)
 from jaxdiff.solvers.euler import sigma_schedule
 
@@ -19,7 +19,7 @@ STEP_OPTIONS = {}
 
 
 @solver_dataclass
-class EulerAncestral(Solver):
+class EulerAncestral(VEPrediction, Solver):
     timesteps: jax.Array          # [N]
     sigmas: jax.Array             # [N + 1]
     sigma_up: jax.Array           # [N]
