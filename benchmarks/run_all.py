@@ -13,6 +13,7 @@ import sampling  # noqa: E402
 import timetuner_digits  # noqa: E402
 import unet_forward  # noqa: E402
 import compile_times  # noqa: E402
+import picard_methods  # noqa: E402
 
 
 def main():
@@ -25,6 +26,7 @@ def main():
     timetuner_digits.main([])
     faster_diffusion.main([])
     compile_times.main([])
+    picard_methods.main([])
 
 
 if __name__ == "__main__":
