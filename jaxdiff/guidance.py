@@ -73,9 +73,14 @@ class ModelFn:
             ctx = cat(self.uncond, self.cond)
             labels = cat(self.uncond_class_labels, self.class_labels)
             added = cat(self.uncond_added_cond, self.added_cond)
-        rep = lambda tree: None if tree is None else jax.tree.map(  # noqa: E731
-            lambda a: jnp.concatenate([a] * copies, 0) if copies > 1 else a, tree)
-        return rep(ctx), rep(labels), rep(added)
+        return _tile(ctx, copies), _tile(labels, copies), _tile(added, copies)
+
+    def _network_batch(self, x, t):
+        """x [B, ...], t [B] -> the network's batch (both guidance halves):
+        (x, t, context, class_labels, added_cond)."""
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
+        m = self.halves
+        return (_tile(x, m), _tile(t, m)) + self._network_inputs()
 
     @property
     def halves(self) -> int:
@@ -91,12 +96,8 @@ class ModelFn:
     def encode(self, x, t):
         """The UNet encoder at x [B, ...], t [B] (both guidance halves in one batch) ->
         ``Encoded`` features of the network batch, for ``decode_many``."""
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
-        ctx, labels, added = self._network_inputs()
-        m = self.halves
-        return self.unet.encode(jnp.concatenate([x] * m, 0) if m > 1 else x,
-                                jnp.concatenate([t] * m, 0) if m > 1 else t, ctx,
-                                class_labels=labels, added_cond=added)
+        xb, tb, ctx, labels, added = self._network_batch(x, t)
+        return self.unet.encode(xb, tb, ctx, class_labels=labels, added_cond=added)
 
     def decode_many(self, features, ts, dtype=jnp.float32):
         """Decode ``features`` (from ``encode``) at each of the times ts [g] in one batched
@@ -106,21 +107,23 @@ class ModelFn:
         g = ts.shape[0]
         nb = features.mid.shape[0]                       # m * B
         ctx, labels, added = self._network_inputs(g)
-        rep = lambda a: jnp.concatenate([a] * g, 0) if g > 1 else a  # noqa: E731
         emb = unet.time_embedding_of(jnp.repeat(jnp.asarray(ts, jnp.float32), nb), g * nb,
                                      labels, added)
-        out = unet.decode(tuple(rep(s) for s in features.skips), rep(features.mid), emb, ctx)
+        out = unet.decode(_tile(tuple(features.skips), g), _tile(features.mid, g), emb, ctx)
         out = out.reshape((g, nb) + out.shape[1:])
         return jax.vmap(lambda o: self._guided(o, dtype))(out)
 
     def __call__(self, x, t):  # x [N, H, W, C], t [N] -> [N, H, W, C]
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
-        ctx, labels, added = self._network_inputs()
-        m = self.halves
-        out = self.unet(jnp.concatenate([x] * m, 0) if m > 1 else x,
-                        jnp.concatenate([t] * m, 0) if m > 1 else t, ctx,
-                        class_labels=labels, added_cond=added)
+        xb, tb, ctx, labels, added = self._network_batch(x, t)
+        out = self.unet(xb, tb, ctx, class_labels=labels, added_cond=added)
         return self._guided(out, x.dtype)
+
+
+def _tile(tree, copies: int):
+    """Every array of ``tree`` (None passes) repeated ``copies`` times along the batch axis."""
+    if tree is None or copies == 1:
+        return tree
+    return jax.tree.map(lambda a: jnp.concatenate([a] * copies, 0), tree)
 
 
 def guide(uncond_out, cond_out, guidance_scale, guidance_rescale=None):

@@ -174,21 +174,14 @@ class BoundModel:
         return predict_noise(self.model_fn, x, t, self.condition, self.uncond_condition)
 
 
-def _alpha_sigma(solver):
-    if isinstance(solver, DDIM):
-        return solver.sqrt_abar, solver.sqrt_1m_abar
-    return solver.alpha, solver.sigma
-
-
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _model_predictions(dynamic, xs, *, spec):
     """Data predictions at every trajectory point xs [K, B, ...] (one vmapped call)."""
     model, solver = combine(dynamic, spec)
-    alpha, sigma = _alpha_sigma(solver)
 
     def one(i, x):
         out = model(x, jnp.broadcast_to(solver.timesteps[i], (x.shape[0],)))
-        return vp_x0(solver.prediction_type, out, x, alpha[i], sigma[i]).astype(x.dtype)
+        return solver.data_prediction(i, x, out).astype(x.dtype)
 
     return jax.vmap(one)(jnp.arange(solver.num_steps), xs)
 
@@ -250,7 +243,7 @@ def _start_state(model_fn, ns, solver, x0, noise, idx, ratios, t_cur, cond, unco
             x_prev = (ns.marginal_alpha(t_cur[j]) * x0
                       + ns.marginal_std(t_cur[j]) * noise).astype(x0.dtype)
             eps_prev = predict_noise(model_fn, x_prev, ratios[j] * t_cur[j], cond, uncond)
-            x0_prev = solver.picard_prediction(j, x_prev, eps_prev)
+            x0_prev = solver.data_prediction(j, x_prev, eps_prev)
             state = MultistepState(history=push(state.history, x0_prev))
     x, state = jax.lax.stop_gradient((x, state))
     target = predict_noise(model_fn, x, t_cur[idx], cond, uncond)

@@ -77,11 +77,11 @@ class NonFiniteError(FloatingPointError):
 
 
 def _check_solver(solver):
-    for attr in ("timesteps", "num_steps", "scale_model_input", "picard_variance"):
-        if not hasattr(solver, attr):
-            raise ValueError(f"solver must be a jaxdiff solver, got {type(solver).__name__}")
+    """Does the solver (already checked by the prelude) have a Picard split?"""
     multistep = hasattr(solver, "picard_multistep")
     try:
+        if not hasattr(solver, "picard_variance"):
+            raise NotImplementedError
         solver.picard_variance()
         if not multistep:
             solver.picard_terms(0, jnp.zeros((1, 1)), jnp.zeros((1, 1)))
@@ -120,11 +120,11 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
         return v.reshape(v.shape + (1,) * (like.ndim - 1))
 
     k_res = min(order, W)          # ParaTAA's residual order (steps carried exactly)
-    if multistep:
-        order = int(solver.picard_history)
+    if multistep:                  # data predictions each multistep update reads
+        hist_len = int(solver.picard_history)
         preds0 = jnp.zeros((n + W,) + x0.shape, jnp.float32)
     else:
-        order, preds0 = 0, jnp.zeros((), jnp.float32)
+        hist_len, preds0 = 0, jnp.zeros((), jnp.float32)
     taa = method == "taa"
     mh = max(history - 1, 1)       # stored past iterates per step (ring, newest last)
     hist_x0 = jnp.zeros((n + W + 1, mh) + x0.shape, jnp.float32) if taa else jnp.zeros(())
@@ -134,6 +134,16 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
     def dot(a, b):  # per-sample inner products over the trailing axes: [..., B, ...] -> [..., B]
         lead = a.ndim - x0.ndim + 1
         return jnp.sum((a * b).reshape(a.shape[:lead] + (-1,)), axis=-1)
+
+    def increment(drift, scale, z):
+        """A Picard split's move drift + noise_scale * z, in float32 (no noise without
+        randomness)."""
+        inc = drift.astype(jnp.float32)
+        if mode != "none":
+            scale = jnp.asarray(scale, jnp.float32)
+            inc = inc + scale.reshape(scale.shape + (1,) * (z.ndim - scale.ndim)) * \
+                z.astype(jnp.float32)
+        return inc
 
     def frozen_step(q, x, out_q, hist_q, z_q):
         """Step q from x with the model output (multistep: the history) frozen."""
@@ -161,7 +171,7 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
             return Z.at[1:].set(jnp.where(bcast(j >= r, moved), moved, Z[1:]))
 
         Z1 = X.at[1:].set(g0)
-        ok = valid                                   # the latent leaving window position w
+        ok = valid                                   # the latent leaving window position w exists
         R1 = jnp.where(bcast(ok, X[1:]), Z1[1:] - X[1:], 0.0)                 # [W]
         Zk = jax.lax.fori_loop(2, k_res + 1, stage, Z1) if k_res > 1 else Z1
         R = jnp.where(bcast(ok, X[1:]), Zk[1:] - X[1:], 0.0)
@@ -190,7 +200,7 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
         rhs = jnp.where(use[..., None], dv, 0.0)
         gamma = jnp.linalg.solve(jnp.moveaxis(A, -1, 1),
                                  jnp.moveaxis(rhs, -1, 1)[..., None])[..., 0]  # [W, B, mh]
-        gamma = jnp.where(jnp.moveaxis(use, -1, -1)[:, None, :], gamma, 0.0)
+        gamma = jnp.where(use[:, None, :], gamma, 0.0)
         g = jnp.moveaxis(gamma, 1, -1)                                         # [W, mh, B]
         corr = jnp.sum((dX + dR) * g.reshape(g.shape + (1,) * (x0.ndim - 1)), axis=1)
         new = (Xn + R - corr).at[0].set(Z1[1])  # the first step: exact from the accepted one
@@ -201,20 +211,19 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
         cnt = jax.lax.dynamic_update_slice_in_dim(cnt, c_w + ok.astype(jnp.int32), begin + 1, 0)
         return new.astype(dtype), R1, hx, hr, cnt
 
-    def paradigms_update(idc, xw, out, drift, scale, valid, hist, z, old):
+    def paradigms_update(idc, xw, out, valid, hist, z, old):
         """ParaDiGMS: the frozen increments summed from the window's start -> (new latents
         [W], their change since the last round)."""
-        inc = drift.astype(jnp.float32)
-        if mode != "none":
-            inc = inc + bcast(jnp.asarray(scale, jnp.float32), z) * z.astype(jnp.float32)
+        if multistep:
+            drift, scale = jax.vmap(solver.picard_multistep)(idc, xw, hist)
+        else:
+            drift, scale = jax.vmap(solver.picard_terms)(idc, xw, out)
+        inc = increment(drift, scale, z)
         inc = jnp.where(bcast(valid & (pos > 0), inc), inc, 0.0)
         # The window's first step starts from an accepted latent: take it with the solver's
         # own step (bit-identical to sequential sampling), then add the later increments.
-        if multistep:
-            first = solver.picard_step(idc[0], xw[0], hist[0], z[0])
-        else:
-            first, _ = solver.step(solver.init(xw[0]), idc[0], xw[0], out[0], z[0])
-        new = (first.astype(jnp.float32)[None] + jnp.cumsum(inc, axis=0)).astype(dtype)
+        first = frozen_step(idc[0], xw[0], out[0], hist[0] if multistep else None, z[0])
+        new = (first[None] + jnp.cumsum(inc, axis=0)).astype(dtype)
         return new, (new - old).astype(jnp.float32)
 
     def width(begin):   # the window: one step at a time during the warm-up
@@ -224,14 +233,11 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
         """ParaSolver: the latent after step q from x with the data prediction held at x0_hat
         (the solver's own step, fed the model output that predicts x0_hat)."""
         if multistep:
-            hist = jnp.broadcast_to(x0_hat, (order,) + x0_hat.shape)
+            hist = jnp.broadcast_to(x0_hat, (hist_len,) + x0_hat.shape)
             drift, scale = solver.picard_multistep(q, x, hist)
         else:
             drift, scale = solver.picard_terms(q, x, solver.output_for_x0(q, x, x0_hat))
-        x_next = x.astype(jnp.float32) + drift.astype(jnp.float32)
-        if mode != "none":
-            x_next = x_next + jnp.asarray(scale, jnp.float32) * z.astype(jnp.float32)
-        return x_next.astype(dtype)
+        return (x.astype(jnp.float32) + increment(drift, scale, z)).astype(dtype)
 
     def body(c):
         begin, it, evals, buf, preds, begins, errors, bad, hx, hr, cnt = c
@@ -244,25 +250,22 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
         xin = jax.vmap(solver.scale_model_input)(xw, idc)
         out = evaluate(m_dynamic, xin, t, valid)
         if multistep:
-            d = jax.vmap(solver.picard_prediction)(idc, xw, out).astype(jnp.float32)
+            d = jax.vmap(solver.data_prediction)(idc, xw, out).astype(jnp.float32)
             old_d = jax.lax.dynamic_slice_in_dim(preds, begin, W)
             preds = jax.lax.dynamic_update_slice_in_dim(
                 preds, jnp.where(bcast(valid, d), d, old_d), begin, 0)
-            lag = jnp.arange(order - 1, -1, -1, dtype=jnp.int32)          # oldest first
-            src = idc[:, None] - lag[None, :]                               # [W, order]
-            hist = preds[jnp.maximum(src, 0)]                                # [W, order, B, ...]
+            lag = jnp.arange(hist_len - 1, -1, -1, dtype=jnp.int32)       # oldest first
+            src = idc[:, None] - lag[None, :]                               # [W, hist_len]
+            hist = preds[jnp.maximum(src, 0)]                             # [W, hist_len, B, ...]
             hist = jnp.where((src >= 0).reshape(src.shape + (1,) * x0.ndim), hist, 0.0)
-            drift, scale = jax.vmap(solver.picard_multistep)(idc, xw, hist)
-        else:
-            drift, scale = jax.vmap(solver.picard_terms)(idc, xw, out)
         z = jax.lax.dynamic_slice_in_dim(noise, begin, W)
         old = jax.lax.dynamic_slice_in_dim(buf, begin + 1, W)
         if taa:
             new, diff, hx, hr, cnt = taa_update(buf, begin, valid, idc, xw, out,
                                                  hist if multistep else None, z, hx, hr, cnt)
         else:
-            new, diff = paradigms_update(idc, xw, out, drift, scale, valid,
-                                         hist if multistep else None, z, old)
+            new, diff = paradigms_update(idc, xw, out, valid, hist if multistep else None, z,
+                                         old)
         err = jnp.sum(jnp.square(diff).reshape(W, bsz, -1), axis=-1)       # [W, B]
         ratio = err * jax.lax.dynamic_slice_in_dim(inv_norm, begin, W)[:, None]
         over = jnp.where(valid, jnp.any(ratio > tol2, axis=1), True)

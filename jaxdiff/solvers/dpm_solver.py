@@ -64,6 +64,9 @@ class DPMSolverPP(Solver):
     def init(self, x):
         return MultistepState(history=jnp.zeros((self.order,) + x.shape, x.dtype))
 
+    def data_prediction(self, i, x, model_output):
+        return self._x0(i, x, model_output)
+
     def _x0(self, i, x, model_output):
         x0 = vp_x0(self.prediction_type, model_output, x, at(self.alpha, i), at(self.sigma, i))
         return postprocess_x0(x0, thresholding=self.thresholding,
@@ -103,9 +106,6 @@ class DPMSolverPP(Solver):
     def picard_history(self) -> int:
         return self.order
 
-    def picard_prediction(self, i, x, model_output):
-        return self._x0(i, x, model_output)
-
     def picard_multistep(self, i, x, hist):
         x_next, c = self._update(i, x, hist)
         return x_next - x, c if self.stochastic else c * 0
@@ -113,7 +113,7 @@ class DPMSolverPP(Solver):
     def picard_terms(self, i, x, model_output):
         if self.order != 1:
             raise NotImplementedError("DPM-Solver++ of order > 1 reads its history: use "
-                                      "picard_prediction / picard_multistep")
+                                      "data_prediction / picard_multistep")
         return self.picard_multistep(i, x, self._x0(i, x, model_output)[None])
 
     def picard_variance(self):
