@@ -147,6 +147,12 @@ def test_sharded_over_8_devices_equals_single_device(parallel, method, inputs):
     (dict(method="taa", order=0), "order must be"),
     (dict(method="taa", lam=-1.0), "lam must be"),
     (dict(method="parasolver", warmup=-1), "warmup must be"),
+    (dict(init=np.zeros((STEPS, 2, 4, 4, 3), np.float32)), "init must be a trajectory"),
+    (dict(init=np.zeros((STEPS + 1, 2, 4, 4, 3), np.float32), resolve=0), "resolve must be"),
+    (dict(init=np.zeros((STEPS + 1, 2, 4, 4, 3), np.float32), resolve=STEPS + 1),
+     "resolve must be"),
+    (dict(resolve=4), "resolve needs init"),
+    (dict(init=np.full((STEPS + 1, 2, 4, 4, 3), np.nan, np.float32), resolve=4), "NaN"),
 ])
 def test_bad_inputs_raise(kwargs, match, inputs):
     x_T, _ = inputs
@@ -246,3 +252,48 @@ def test_a_nan_is_never_converged(method, inputs):
 
     with pytest.raises(jaxdiff.sampling.NonFiniteError, match=r"at step \d+ .* in round \d+"):
         jaxdiff.paradigms(broken, s, x_T, parallel=4, tolerance=0.1, method=method)
+
+
+def _shifted(x, t):
+    """A 'prompt variation' of model_fn: the same model with its data mean moved."""
+    return model_fn(x, t) - 0.1 * jnp.ones_like(x)
+
+
+def _resolve_reference(model, s, init, start, noise):
+    """Sequential steps that take the kept latents init[:start + 1] as they are and run the
+    last steps with ``model`` (multistep history from ``model`` at the kept latents)."""
+    state, x = s.init(init[0]), init[0]
+    for q in range(s.num_steps):
+        out = model(s.scale_model_input(x, q), jnp.full((x.shape[0],), s.timesteps[q]))
+        x, state = s.step(state, q, x, out, noise[q])
+        if q + 1 <= start:
+            x = init[q + 1]
+    return x
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name, kw", [("ddim", {}), ("ddpm", {}), ("dpm++", {})],
+                         ids=["ddim", "ddpm", "dpm++"])
+def test_warm_start_resolves_the_last_steps(name, kw, method, inputs):
+    """init= a previous trajectory: from its own trajectory the window is already the fixed
+    point (one round per window); with another model the kept steps stay and the re-solved
+    ones equal sequential steps from the kept latent."""
+    x_T, noise = inputs
+    s = solvers.make(name, SCHEDULE, STEPS, **kw)
+    ref = jaxdiff.sample(model_fn, s, x_T, noise=noise)
+    x, st = jaxdiff.paradigms(model_fn, s, x_T, parallel=8, tolerance=1e-4, noise=noise,
+                              method=method, trajectory=True)
+    traj = st.trajectory
+    assert traj.shape == (STEPS + 1,) + x_T.shape
+    np.testing.assert_allclose(np.asarray(traj[-1]), np.asarray(x), rtol=0, atol=0)
+    again, st2 = jaxdiff.paradigms(model_fn, s, x_T, parallel=8, tolerance=1e-4, noise=noise,
+                                   method=method, init=traj)
+    assert rel(again, ref) < 1e-4
+    assert st2.iterations < st.iterations
+    start = 10
+    var, st3 = jaxdiff.paradigms(_shifted, s, x_T, parallel=8, tolerance=1e-5, noise=noise,
+                                 method=method, init=traj, resolve=STEPS - start)
+    want = _resolve_reference(_shifted, s, traj, start, noise)
+    assert rel(var, want) < 1e-4
+    assert rel(var, ref) > 1e-3      # the variation did change the result
+    assert st3.begins[0] == start and st3.model_evaluations < STEPS * 2

@@ -61,6 +61,7 @@ class ParadigmsStats:
     parallel: int
     begins: np.ndarray        # [iterations]
     errors: np.ndarray        # [iterations, parallel]
+    trajectory: Optional[jax.Array] = None   # [num_steps + 1, *x_T.shape] with trajectory=True
 
     @property
     def speedup_bound(self) -> float:
@@ -92,9 +93,10 @@ def _check_solver(solver):
 
 @functools.partial(jax.jit, static_argnames=("spec", "window", "parallel", "mode", "mesh",
                                              "progress", "chunk", "leaf_specs", "method",
-                                             "warmup", "order", "history"))
-def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, mesh, progress,
-         chunk, leaf_specs, method, warmup, order, history):
+                                             "warmup", "order", "history", "start",
+                                             "trajectory"))
+def _run(dynamic, x_T, rand, tolerance, lam, prior, *, spec, window, parallel, mode, mesh,
+         progress, chunk, leaf_specs, method, warmup, order, history, start, trajectory):
     model_fn, solver = combine(dynamic, spec)
     n, W, p = solver.num_steps, window, parallel
     dtype = x_T.dtype
@@ -102,6 +104,9 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
     multistep = hasattr(solver, "picard_multistep")
     x0 = (x_T * solver.init_noise_sigma).astype(dtype)
     buf = jnp.broadcast_to(x0, (n + W + 1,) + x0.shape)          # latents x_0 .. x_n (+ pad)
+    warm = prior is not None       # a previous trajectory: every latent starts from it
+    if warm:
+        buf = buf.at[:n + 1].set(prior.astype(dtype))
     noise = prelude.all_noise(mode, rand, n, x0.shape, dtype)
     noise = jnp.concatenate([noise, jnp.zeros((W,) + x0.shape, dtype)])
     var = jnp.asarray(solver.picard_variance(), jnp.float32)
@@ -317,8 +322,9 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
             guess = jnp.concatenate([buf[end][None], xs])
         else:   # ParaDiGMS: a copy of the window's last latent
             guess = jnp.broadcast_to(buf[end][None], seg.shape)
-        seg = jnp.where(bcast(fill, seg), guess, seg)
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, seg, end, 0)
+        if not warm:    # (a warm start keeps the previous trajectory's latents as guesses)
+            seg = jnp.where(bcast(fill, seg), guess, seg)
+            buf = jax.lax.dynamic_update_slice_in_dim(buf, seg, end, 0)
         begins = begins.at[it].set(begin)
         errors = errors.at[it].set(jnp.where(valid, jnp.max(ratio, axis=1) / tol2, jnp.nan)[:p])
         prog.report(progress, jnp.minimum(new_begin, n), n)
@@ -329,7 +335,16 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
         return (new_begin, it + 1, evals + jnp.sum(valid.astype(jnp.int32)), buf, preds,
                 begins, errors, bad, hx, hr, cnt)
 
-    init = (jnp.int32(0), jnp.int32(0), jnp.int32(0), buf, preds0,
+    if warm and multistep and start > 0:
+        # the steps kept from the previous trajectory feed the first re-solved multistep
+        # updates: their data predictions, one model call each
+        model = combine(m_dynamic, m_spec)
+        for q in range(max(start - hist_len + 1, 0), start):
+            xq = solver.scale_model_input(buf[q], q)
+            out_q = model(xq, jnp.full((bsz,), timesteps[q]))
+            preds0 = preds0.at[q].set(solver.data_prediction(q, buf[q], out_q)
+                                      .astype(jnp.float32))
+    init = (jnp.int32(start), jnp.int32(0), jnp.int32(0), buf, preds0,
             jnp.full((n,), -1, jnp.int32), jnp.full((n, p), jnp.nan, jnp.float32),
             jnp.int32(-1), hist_x0, hist_x0, count0)
     begin, it, evals, buf, _, begins, errors, bad, *_ = jax.lax.while_loop(
@@ -338,7 +353,8 @@ def _run(dynamic, x_T, rand, tolerance, lam, *, spec, window, parallel, mode, me
     if mesh is not None:   # every process can read the result, whatever the batch layout
         x_final = jax.lax.with_sharding_constraint(
             x_final, jax.sharding.NamedSharding(mesh, par.P()))
-    return x_final, (it, evals, begins, errors, bad)
+    traj = buf[:n + 1] if trajectory else None
+    return x_final, (it, evals, begins, errors, bad, traj)
 
 
 def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: float,
@@ -346,7 +362,8 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
               mesh=None, progress: Union[bool, Callable] = False,
               chunk: Union[int, str, None] = "auto", method: str = "paradigms",
               warmup: Optional[int] = None, order: Optional[int] = None, history: int = 2,
-              lam: float = 1e-3):
+              lam: float = 1e-3, init: Optional[jax.Array] = None,
+              resolve: Optional[int] = None, trajectory: bool = False):
     """Sample with Picard iterations over a window of ``parallel`` steps -> (x_0, stats).
 
     Same conventions as ``jaxdiff.sample``: ``model_fn(x [N,...], t [N])`` is the raw network
@@ -384,6 +401,14 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     ``warmup``: the first ``warmup`` steps run one at a time before the window opens
     (default 0 for "paradigms", 1 for "parasolver" and "taa", whose first extrapolation then starts
     from a real data prediction).
+    Warm start (prompt variations, ParaTAA's initialisation from a previous trajectory):
+    ``init`` [num_steps + 1, *x_T.shape], the latents entering steps 0 .. num_steps of an
+    earlier run (``trajectory=True`` returns them as ``stats.trajectory``; entry 0 is x_T
+    times the solver's ``init_noise_sigma``). The first ``num_steps - resolve`` steps are
+    kept as they are and the last ``resolve`` steps (default: all) are re-solved starting
+    from the old latents as guesses instead of the method's initialisation; for multistep
+    solvers the kept steps' data predictions are recomputed first (``order - 1`` model
+    calls).
     A NaN/inf from the model stops the loop and raises ``NonFiniteError`` naming the round
     and the step.
     """
@@ -416,6 +441,25 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     lam_f = float(lam)
     if not (np.isfinite(lam_f) and lam_f >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    start = 0
+    if init is not None:
+        init = jnp.asarray(init)
+        want = (n + 1,) + tuple(x_T.shape)
+        if tuple(init.shape) != want:
+            raise ValueError(f"init must be a trajectory of shape {want} (num_steps + 1 latents "
+                             f"of x_T's shape), got {tuple(init.shape)}")
+        if resolve is None:
+            resolve = n
+        if isinstance(resolve, bool) or not isinstance(resolve, (int, np.integer)) or \
+                not 1 <= resolve <= n:
+            raise ValueError(f"resolve must be an int in [1, {n}] (the number of final steps "
+                             f"to re-solve), got {resolve!r}")
+        start = n - int(resolve)
+        if not isinstance(init, jax.core.Tracer) and \
+                not bool(jnp.all(jnp.isfinite(init[:start + 1]))):
+            raise ValueError("init holds NaN/inf in the steps it keeps")
+    elif resolve is not None:
+        raise ValueError("resolve needs init= (the trajectory whose last steps are re-solved)")
     mode, rand = rand.mode, rand.value
     if mesh is not None:
         par.check_mesh(mesh)
@@ -456,8 +500,12 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
                 par.replicate(rand, mesh)
         else:
             x_T, rand = par.replicate((x_T, rand), mesh)
-    x0, (it, evals, begins, errors, bad) = _run(
-        dynamic, x_T, rand, jnp.float32(tol), jnp.float32(lam_f), spec=spec, window=window,
+    if init is not None and mesh is not None:
+        init = par.place(init, mesh, par.P(None, par.PROMPTS)) if shards > 1 else \
+            par.replicate(init, mesh)
+    x0, (it, evals, begins, errors, bad, traj) = _run(
+        dynamic, x_T, rand, jnp.float32(tol), jnp.float32(lam_f), init, spec=spec,
+        window=window, start=start, trajectory=bool(trajectory),
         parallel=p, mode=mode, mesh=mesh, progress=progress, chunk=chunk, leaf_specs=leaf_specs,
         method=method, warmup=warmup, order=window if order is None else int(order),
         history=int(history) if method == "taa" else 1)
@@ -469,12 +517,12 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
                              f"lower history)")
     if isinstance(it, jax.core.Tracer):     # paradigms itself under an outer jit
         stats = ParadigmsStats(iterations=it, model_evaluations=evals, num_steps=n,
-                               parallel=p, begins=begins, errors=errors)
+                               parallel=p, begins=begins, errors=errors, trajectory=traj)
     else:
         it = int(it)
         stats = ParadigmsStats(iterations=it, model_evaluations=int(evals), num_steps=n,
                                parallel=p, begins=np.asarray(begins)[:it],
-                               errors=np.asarray(errors)[:it])
+                               errors=np.asarray(errors)[:it], trajectory=traj)
     return x0, stats
 
 
