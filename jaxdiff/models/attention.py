@@ -2,8 +2,8 @@
 ``Transformer2DModel``), with a selectable attention kernel.
 
 Kernels (``Attention.impl``):
-  None        automatic: on CPU, "chunked" for long sequences and head-major einsums for
-              short ones; elsewhere jax.nn.dot_product_attention's own choice (cuDNN on GPU
+  None        automatic: on CPU, "chunked" for long sequences, head-major einsums for
+              short ones with heads of 32+ channels, XLA's for narrower heads; elsewhere jax.nn.dot_product_attention's own choice (cuDNN on GPU
               when it can, XLA otherwise)
   "xla"       plain XLA softmax(QK^T)V
   "cudnn"     cuDNN flash attention (GPU only)
@@ -44,9 +44,14 @@ def dot_product_attention(q, k, v, *, heads: int, mask=None, is_causal: bool = F
     if impl is None and jax.default_backend() == "cpu":
         # XLA:CPU materialises [B, H, Lq, Lk] logits and streams them through memory
         # several times; per-head query chunks keep them in cache (5x faster at 4096^2).
-        # Short problems (cross-attention on 77 tokens) run best as two head-major einsums.
+        # Short problems run best as two head-major einsums when the heads are wide (SD's
+        # 40-160), but with narrow heads (tiny test models, head dim <= 16) those einsums
+        # are 2-6x slower than XLA's own attention (benchmarks/window_cost.py).
         if lq * lk >= 1 << 19 and lq > chunk_size:
             out = _chunked_attention(q, k, v, scale, mask, is_causal, chunk_size)
+        elif d < 32:
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask,
+                                               is_causal=is_causal, implementation="xla")
         else:
             out = _einsum_attention(q, k, v, scale, mask, is_causal)
     elif impl == "chunked" and lq > chunk_size:

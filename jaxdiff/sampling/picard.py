@@ -71,6 +71,7 @@ class ParadigmsStats:
 
 
 METHODS = ("paradigms", "parasolver", "taa")
+CPU_SAMPLES_PER_CALL = 32      # chunk="auto" on CPU: window positions per call x batch
 
 
 class NonFiniteError(FloatingPointError):
@@ -380,9 +381,10 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     ``jaxdiff.parallel.shard_batch`` first. The result does not depend on the mesh.
     ``chunk``: None evaluates the whole window as one batched model call; an int evaluates it
     ``chunk`` positions per call (``lax.map``; same result, less memory, and window positions
-    past the end of the trajectory are skipped); "auto" (default) is 1 on CPU devices, where
-    one very large batch runs about 2x slower per sample than small ones (measured on the
-    tiny SD UNet), and None on GPUs/TPUs.
+    past the end of the trajectory are skipped); "auto" (default) is None on GPUs/TPUs and on
+    CPU devices about 32 network samples per call (``32 // batch`` positions; guidance
+    doubles the batch), where the per-sample
+    cost is flat beyond that and chunks skip the positions past the end.
     ``progress``: True for a tqdm bar of accepted steps, or a host callable
     ``f(done, num_steps)`` called after every iteration with the number of steps accepted.
     ``method``: how positions entering the window for the first time are initialised:
@@ -466,7 +468,13 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     if isinstance(chunk, str) and chunk == "auto":
         platform = (mesh.devices.flat[0].platform if mesh is not None
                     else jax.default_backend())
-        chunk = 1 if platform == "cpu" else None
+        # CPU: per-sample cost is flat from ~16 to a few hundred samples per call once
+        # attention is not the bottleneck (benchmarks/window_cost.py), and chunks let
+        # positions past the end be skipped: ~32 samples per call
+        local = x_T.shape[0] // max(par.prompt_shards(mesh), 1)
+        if isinstance(model_fn, ModelFn) and model_fn.uncond is not None:
+            local *= 2             # guidance: the network sees both halves
+        chunk = max(1, CPU_SAMPLES_PER_CALL // max(local, 1)) if platform == "cpu" else None
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer))
                               or chunk < 1):
         raise ValueError(f"chunk must be a positive int (window positions per model call), "
