@@ -5,7 +5,7 @@
 Each process gets 4 fake CPU devices, joins ``jax.distributed`` on ``localhost:P`` (process 0
 runs the coordinator), builds a mesh over all 8 global devices and runs ``jaxdiff.paradigms``
 on identical inputs (same latents, same noise, from fixed PRNG keys) with DDPM and
-DPM-Solver++. Window evaluations then cross processes through the CPU collectives (gloo).
+DPM-Solver++, each Picard method on one of them at least. Window evaluations then cross processes through the CPU collectives (gloo).
 It writes ``DIR/result_I.npz`` (x_0 and stats per case, see ``run_cases``).
 
 Importing this module has no side effects (jax is imported lazily), so the test imports it for
@@ -28,7 +28,14 @@ STEPS = 16
 PARALLEL = 12          # not a multiple of 8 devices: the window is padded to 16
 TOLERANCE = 0.05
 SHAPE = (2, 4, 4, 3)
-CASES = [("ddpm", {}), ("dpm++", {})]    # stochastic single-step, deterministic multistep
+# (solver, options, Picard method): stochastic single-step, deterministic multistep, and the
+# accelerated methods on both
+CASES = [("ddpm", {}, "paradigms"), ("dpm++", {}, "paradigms"), ("ddpm", {}, "taa"),
+         ("dpm++", {}, "parasolver"), ("dpm++", {}, "taa")]
+
+
+def tag(name: str, method: str) -> str:
+    return name.replace("+", "p") + ("" if method == "paradigms" else f"_{method}")
 LOCAL_DEVICES = 4
 
 
@@ -79,20 +86,21 @@ def run_cases(mesh=None) -> dict:
 
     x_T, noise = inputs()
     out = {}
-    for name, kw in CASES:
+    for name, kw, method in CASES:
         solver = solvers.make(name, SCHEDULE, STEPS, **kw)
         stochastic = bool(getattr(solver, "stochastic", False))
         x0, stats = jaxdiff.paradigms(model_fn, solver, x_T, parallel=PARALLEL,
                                       tolerance=TOLERANCE,
-                                      noise=noise if stochastic else None, mesh=mesh)
-        tag = name.replace("+", "p")
-        out[f"{tag}_x0"] = to_host(x0)
-        out[f"{tag}_iterations"] = np.int64(stats.iterations)
-        out[f"{tag}_evaluations"] = np.int64(stats.model_evaluations)
-        out[f"{tag}_begins"] = np.asarray(stats.begins)
-        out[f"{tag}_num_devices"] = np.int64(1 if mesh is None else mesh.devices.size)
+                                      noise=noise if stochastic else None, mesh=mesh,
+                                      method=method)
+        t = tag(name, method)
+        out[f"{t}_x0"] = to_host(x0)
+        out[f"{t}_iterations"] = np.int64(stats.iterations)
+        out[f"{t}_evaluations"] = np.int64(stats.model_evaluations)
+        out[f"{t}_begins"] = np.asarray(stats.begins)
+        out[f"{t}_num_devices"] = np.int64(1 if mesh is None else mesh.devices.size)
         if mesh is not None:
-            out[f"{tag}_out_devices"] = np.int64(len(x0.sharding.device_set))
+            out[f"{t}_out_devices"] = np.int64(len(x0.sharding.device_set))
     return out
 
 

@@ -297,3 +297,26 @@ def test_warm_start_resolves_the_last_steps(name, kw, method, inputs):
     assert rel(var, want) < 1e-4
     assert rel(var, ref) > 1e-3      # the variation did change the result
     assert st3.begins[0] == start and st3.model_evaluations < STEPS * 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_blown_up_guess_restarts_instead_of_stopping(method, inputs):
+    """NaN/inf further into the window than its first position is a guess that blew up, not
+    a model failure: never accepted, restarted from the last finite latent; the loop still
+    reaches the sequential result."""
+    x_T, noise = inputs
+    s = solvers.make("ddim", SCHEDULE, STEPS)
+    ref, st = jaxdiff.paradigms(model_fn, s, x_T, parallel=8, tolerance=1e-4, method=method,
+                                trajectory=True)
+
+    def fragile(x, t):    # fine on the trajectory, NaN far away from it
+        out = model_fn(x, t)
+        far = jnp.max(jnp.abs(x).reshape(x.shape[0], -1), axis=1) > 50
+        return jnp.where(far.reshape(-1, 1, 1, 1), jnp.nan, out)
+
+    bad_guess = st.trajectory.at[6:].set(100.0)
+    x, st2 = jaxdiff.paradigms(fragile, s, x_T, parallel=8, tolerance=1e-4, method=method,
+                               init=bad_guess)
+    assert rel(x, jaxdiff.sample(model_fn, s, x_T)) < 1e-4
+    inside = st2.begins[:, None] + np.arange(8)[None] < STEPS
+    assert np.isnan(st2.errors[inside]).any()   # blown positions were met and not accepted

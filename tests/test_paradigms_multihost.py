@@ -27,7 +27,7 @@ pytestmark = pytest.mark.xdist_group("multihost")
 NUM_PROCESSES = 2
 TIMEOUT = 300  # seconds, for both workers together
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-TAGS = [name.replace("+", "p") for name, _ in worker.CASES]
+TAGS = [worker.tag(name, method) for name, _, method in worker.CASES]
 
 
 def _free_port() -> int:

@@ -290,14 +290,21 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, *, spec, window, parallel, m
                                          old)
         err = jnp.sum(jnp.square(diff).reshape(W, bsz, -1), axis=-1)       # [W, B]
         ratio = err * jax.lax.dynamic_slice_in_dim(inv_norm, begin, W)[:, None]
-        over = jnp.where(valid, jnp.any(ratio > tol2, axis=1), True)
-        ind = jnp.argmax(jnp.concatenate([over, jnp.ones((1,), bool)]))
-        # a NaN/inf anywhere in the window stops the loop (it must never pass as converged)
+        # NaN/inf: at the window's first position (one exact step from an accepted latent)
+        # it is the model's failure and stops the loop; further on it is a guess that blew
+        # up (stiff low-noise steps amplify far-ahead errors), never accepted: from the first
+        # such position on, the window restarts from the last finite latent
         finite = jnp.all(jnp.isfinite(jnp.where(bcast(valid, new), new, 0.0)).reshape(W, -1),
                          axis=1) & jnp.all(jnp.isfinite(jnp.where(
                              bcast(valid, out), out, 0.0)).reshape(W, -1), axis=1)
         first_bad = jnp.argmin(jnp.concatenate([finite | ~valid, jnp.zeros((1,), bool)]))
-        bad = jnp.where(jnp.any(valid & ~finite), begin + first_bad, -1).astype(jnp.int32)
+        bad = jnp.where(valid[0] & ~finite[0], begin, -1).astype(jnp.int32)
+        blown = pos >= first_bad
+        keep = jnp.where(first_bad > 0, jnp.take(new, jnp.maximum(first_bad - 1, 0), axis=0),
+                         buf[begin])
+        new = jnp.where(bcast(blown, new), keep[None].astype(new.dtype), new)
+        over = jnp.where(valid & ~blown, jnp.any(ratio > tol2, axis=1), True)
+        ind = jnp.argmax(jnp.concatenate([over, jnp.ones((1,), bool)]))
         new_begin = begin + jnp.minimum(ind + 1, pe)
         buf = jax.lax.dynamic_update_slice_in_dim(
             buf, jnp.where(bcast(valid, new), new, old), begin + 1, 0)
@@ -329,7 +336,9 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, *, spec, window, parallel, m
         begins = begins.at[it].set(begin)
         errors = errors.at[it].set(jnp.where(valid, jnp.max(ratio, axis=1) / tol2, jnp.nan)[:p])
         prog.report(progress, jnp.minimum(new_begin, n), n)
-        if taa:   # positions seen for the first time start a fresh Anderson history
+        if taa:   # positions seen for the first time (or restarted) start a fresh history
+            c_w = jax.lax.dynamic_slice_in_dim(cnt, begin + 1, W)
+            cnt = jax.lax.dynamic_update_slice_in_dim(cnt, jnp.where(blown, 0, c_w), begin + 1, 0)
             c_seg = jax.lax.dynamic_slice_in_dim(cnt, end + 1, W)
             cnt = jax.lax.dynamic_update_slice_in_dim(
                 cnt, jnp.where(fill[1:], 0, c_seg), end + 1, 0)
