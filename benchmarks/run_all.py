@@ -14,6 +14,7 @@ import timetuner_digits  # noqa: E402
 import unet_forward  # noqa: E402
 import compile_times  # noqa: E402
 import picard_methods  # noqa: E402
+import window_cost  # noqa: E402
 
 
 def main():
@@ -27,6 +28,7 @@ def main():
     faster_diffusion.main([])
     compile_times.main([])
     picard_methods.main([])
+    window_cost.main([])
 
 
 if __name__ == "__main__":
