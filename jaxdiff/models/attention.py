@@ -49,7 +49,7 @@ def dot_product_attention(q, k, v, *, heads: int, mask=None, is_causal: bool = F
         # are 2-6x slower than XLA's own attention (benchmarks/window_cost.py).
         if lq * lk >= 1 << 19 and lq > chunk_size:
             out = _chunked_attention(q, k, v, scale, mask, is_causal, chunk_size)
-        elif d < 32:
+        elif d < 32 and q.dtype != jnp.float16:   # (XLA:CPU has no f16 x f16 -> f32 dot)
             out = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask,
                                                is_causal=is_causal, implementation="xla")
         else:
