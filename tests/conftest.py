@@ -11,3 +11,20 @@ import pytest  # noqa: E402
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled XLA program after each test module.
+
+    Each XLA:CPU executable holds a few memory mappings, and a pytest worker that runs
+    hundreds of modules accumulates tens of thousands of them: at the kernel's
+    vm.max_map_count (65530) the next compilation segfaults inside LLVM (seen as a worker
+    crash in an arbitrary test). Clearing the caches between modules keeps a worker far
+    below the limit; within a module, compiled programs are still reused."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
