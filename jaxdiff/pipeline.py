@@ -149,7 +149,7 @@ class StableDiffusionPipeline:
                  num_images_per_prompt: int = 1, seed=0, latents=None, noise=None,
                  solver=None, prompt_embeds=None, negative_prompt_embeds=None,
                  output_type: str = "np", progress: bool = False, sampler="sequential",
-                 ratios=None, sampler_options: Optional[dict] = None):
+                 ratios=None, schedule=None, sampler_options: Optional[dict] = None):
         """Generate images -> (images or latents, the sampler's stats).
         ``seed``: an int (image j uses seed + j) or one int per image.
         ``latents``: standard-normal x_T [N, h, w, C] (NHWC) instead of seeds.
@@ -157,7 +157,8 @@ class StableDiffusionPipeline:
         tolerance=0.1, mesh=...)``, ``EncoderPropagation(key_steps="paper")``) or a shorthand
         name ("sequential", "paradigms", "faster") whose fields come from
         ``sampler_options``. ``ratios``: TimeTuner ratios (array or ratios JSON path) applied
-        to the solver (``Solver.with_ratios``)."""
+        to the solver (``Solver.with_ratios``); ``schedule``: a learned time grid (schedule
+        file or dict, ``Solver.with_schedule``)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         sampler = as_sampler(sampler, **dict(sampler_options or {}))
@@ -197,9 +198,7 @@ class StableDiffusionPipeline:
                 raise ValueError(f"latents must have shape {want} (NHWC), got "
                                  f"{tuple(latents.shape)}")
 
-        solver = self.make_solver(solver, num_inference_steps)
-        if ratios is not None:
-            solver = solver.with_ratios(ratios)
+        solver = solvers.retimed(self.make_solver(solver, num_inference_steps), ratios, schedule)
         if noise is None:
             # per-image noise streams, so an image does not depend on its batch-mates
             keys = [jax.random.fold_in(jax.random.key(int(s)), 1) for s in seeds]

@@ -131,3 +131,23 @@ def test_tuned_ratios_and_sampler_options(pipes):
     np.testing.assert_allclose(chunked, tuned, atol=1e-3)
     with pytest.raises(ValueError, match="takes \\[\\]"):
         pipe(["the cat"], solver="ddim", sampler_options={"chunk": 2}, **kw)
+
+
+def test_learned_schedule_file(pipes, tmp_path):
+    """schedule= puts the pipeline's solver on a learned grid (= passing the rebuilt solver)."""
+    from jaxdiff import schedule_files, time_grids
+    from jaxdiff.schedules import NoiseScheduleVP
+
+    _, pipe = pipes
+    ac = solvers.alphas_cumprod(pipe.scheduler)
+    ns = NoiseScheduleVP("discrete", alphas_cumprod=ac)
+    t = time_grids.make_grid("karras", ns, 4)
+    path = schedule_files.save_schedule(tmp_path / "s.json", solver="ddim", t=t,
+                                        network_t=t[:-1] * 0.98, alphas_cumprod=ac)
+    kw = dict(num_inference_steps=4, output_type="latent", seed=[1], guidance_scale=3.0)
+    got = pipe(["the cat"], solver="ddim", schedule=path, **kw)
+    want = pipe(["the cat"], solver=pipe.make_solver("ddim", 4).with_schedule(path), **kw)
+    np.testing.assert_array_equal(got, want)
+    assert not np.allclose(got, pipe(["the cat"], solver="ddim", **kw))
+    with pytest.raises(ValueError, match="made for 4 steps"):
+        pipe(["the cat"], solver="ddim", schedule=path, **{**kw, "num_inference_steps": 5})

@@ -138,3 +138,33 @@ def test_help_lists_tune(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["tune", "--help"])
     assert e.value.code == 0 and "--tune-type" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["ld3", "gits"])
+def test_grid_methods_write_a_schedule_file_the_pipeline_takes(method, tmp_path, capsys):
+    """``--method ld3 | gits`` write a schedule file; the digits pipeline samples with it,
+    exactly as the solver rebuilt from the file; a teacher no finer than the student exits 2."""
+    from jaxdiff import schedule_files, solvers
+    from jaxdiff.zoo import digits
+    from jaxdiff.zoo.digits import SCHEDULE
+
+    out = tmp_path / f"{method}.json"
+    argv = ["tune", "--method", method, "--steps", "2", "--solver", "dpmsolver++", "--pairs",
+            "6", "--valid", "3", "--epochs", "2", "--batch", "3", "--fine", "10",
+            "--teacher-steps", "20", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "schedule=" in printed and out.with_suffix(".png").exists()
+    doc = schedule_files.load_schedule(out)
+    assert doc["solver"] == "dpmsolver++" and doc["num_steps"] == 2
+    assert doc["meta"]["method"] == method and doc["meta"]["tune_seconds"] > 0
+    pipe = digits.load()
+    cfg = dict(SCHEDULE, clip_sample=False)
+    sol = solvers.make("dpm++", cfg, 2, schedule=out)
+    got = pipe([3, 8], solver=solvers.make("dpm++", cfg, 2), schedule=out, seed=4)
+    np.testing.assert_array_equal(got, pipe([3, 8], solver=sol, seed=4))
+    assert not np.allclose(got, pipe([3, 8], solver=solvers.make("dpm++", cfg, 2), seed=4))
+    code = cli.main([*argv[:-3], "--teacher-steps", "2", "--out", str(tmp_path / "x.json")])
+    assert code == 2 and "teacher must take more steps" in capsys.readouterr().err
+    code = cli.main(["tune", "--method", "ld4", "--out", str(tmp_path / "y.json")])
+    assert code == 2 and "unknown --method 'ld4'" in capsys.readouterr().err

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Optional
 
 MODELS = ("digits",)
+METHODS = ("timetuner", "ld3", "gits")       # timetuner: ratios file; ld3/gits: schedule file
 TUNE_TYPES = ("parallel", "sequential")      # tuning.TUNE_TYPES, default first
 SOLVERS = {"ddim": "ddim", "dpmsolver++": "dpm++"}   # tuner name -> jaxdiff solver name
 DEFAULT_OUT = "outputs/ratios.json"
@@ -179,20 +180,30 @@ def check_args(args) -> None:
     if args.model not in MODELS:
         raise UsageError(f"unknown --model {args.model!r}; supported: {', '.join(MODELS)} "
                          f"(the embedded digits model)")
+    if args.method not in METHODS:
+        raise UsageError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.method != "timetuner":
+        from jaxdiff.time_grids import GRIDS
+        if args.init not in GRIDS:
+            raise UsageError(f"unknown --init {args.init!r}; choose one of {', '.join(GRIDS)}")
+        for name, lo in (("pairs", 2), ("valid", 1), ("epochs", 1), ("fine", 2),
+                         ("teacher-steps", 2)):
+            _positive_int(args, name, lo)
     if args.tune_type not in TUNE_TYPES:
         raise UsageError(f"unknown --tune-type {args.tune_type!r}; choose "
                          f"{' or '.join(TUNE_TYPES)}")
     if args.solver not in SOLVERS:
         raise UsageError(f"unknown --solver {args.solver!r}; choose {' or '.join(SOLVERS)}")
-    _positive_int(args, "steps", 2, 1000, " (the last step's ratio is not tuned, so tuning "
-                  "needs at least 2 steps; the digits model has 1000 training steps)")
+    _positive_int(args, "steps", 1 if args.method != "timetuner" else 2, 1000,
+                  " (TimeTuner does not tune the last step's ratio, so it needs at least 2 "
+                  "steps; the digits model has 1000 training steps)")
     _positive_int(args, "iters", 1)
     _positive_int(args, "batch", 1)
     _positive_int(args, "checkpoint-every", 1)
     if args.eval != 0 and args.eval < 10:
         raise UsageError(f"--eval must be 0 (off) or >= 10 (at least one of each digit), "
                          f"got {args.eval}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr must be a positive finite number, got {args.lr}")
     out = Path(args.out)
     if out.suffix.lower() != ".json":
@@ -225,6 +236,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``jaxdiff tune`` on an argparse parser."""
+    p.add_argument("--method", default="timetuner",
+                   help="timetuner (per-step ratios on a fixed grid), ld3 (the whole grid and "
+                        "network times, by backpropagation through the solve) or gits "
+                        "(dynamic programming over a fine teacher grid)")
     p.add_argument("--model", default="digits", help="only 'digits' (the embedded model)")
     p.add_argument("--steps", type=int, default=10, help="sampler steps K (>= 2)")
     p.add_argument("--tune-type", default="parallel",
@@ -233,7 +248,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default="ddim", help="ddim or dpmsolver++")
     p.add_argument("--iters", type=int, default=500, help="iterations per tuned step")
     p.add_argument("--batch", type=int, default=16, help="training images per iteration")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 2e-3 TimeTuner, 0.02 LD3)")
     p.add_argument("--seed", type=int, default=0, help="data order and noise")
     p.add_argument("--checkpoint-dir", default=None,
                    help="orbax checkpoints; running again with the same settings resumes")
@@ -247,6 +263,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "without and with the ratios and print accuracy and FD-digits "
                         "(0: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("ld3 / gits")
+    g.add_argument("--init", default="time_uniform", help="LD3's starting grid "
+                   "(jaxdiff.time_grids.GRIDS)")
+    g.add_argument("--pairs", type=int, default=100, help="teacher pairs (LD3 training, "
+                   "GITS trajectories)")
+    g.add_argument("--valid", type=int, default=50, help="LD3 held-out pairs")
+    g.add_argument("--epochs", type=int, default=40, help="LD3 epochs (early stopping)")
+    g.add_argument("--fine", type=int, default=100, help="GITS fine grid steps")
+    g.add_argument("--teacher-steps", type=int, default=500, help="teacher DPM-Solver++(2M) "
+                   "steps")
+    g.add_argument("--guidance-scale", type=float, default=1.0, help="digits guidance")
 
 
 def _digits_setup(args):
@@ -290,6 +317,11 @@ def tune_main(args) -> int:
         check_args(args)
     except UsageError as e:
         return fail(e)
+    if args.method != "timetuner":
+        from tuning.grid_cli import grid_main
+        return grid_main(args)
+    if args.lr is None:
+        args.lr = 2e-3
     json_path, csv_path, png_path = output_paths(args.out)
 
     import jax

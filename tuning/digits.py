@@ -32,3 +32,27 @@ def build_tuner():
     net = jax.tree_util.Partial(_with_labels,
                                 classifier_free(pipe.unet, class_tokens(one), class_labels=one))
     return TimeTuner(model_wrapper(net, ns, guidance_type="classifier-free"), ns)
+
+
+def grid_problem(guidance_scale: float = 1.0):
+    """-> (pipeline, noise schedule, model_fn_for(labels)) for learning time grids on the
+    digits model: the model function takes network time, as jaxdiff's drivers pass it."""
+    import jaxdiff.zoo.digits as digits
+    from jaxdiff.zoo.digits.model import SCHEDULE, alphas_cumprod
+
+    pipe = digits.load()
+    ns = NoiseScheduleVP("discrete", alphas_cumprod=alphas_cumprod(SCHEDULE))
+
+    def model_fn_for(labels):
+        return pipe.model_fn(labels, guidance_scale)
+    return pipe, ns, model_fn_for
+
+
+def grid_pairs(n: int, seed: int):
+    """n x_T [n, 16, 16, 1] and labels (0..9 in turn, shuffled by seed): seeds of one split."""
+    import numpy as np
+
+    from jaxdiff.zoo.digits import IMAGE_SHAPE
+    x_T = jax.random.normal(jax.random.key(seed), (n, *IMAGE_SHAPE), jnp.float32)
+    labels = np.random.default_rng(seed).permutation(np.arange(n) % 10).astype(np.int32)
+    return np.asarray(x_T), labels

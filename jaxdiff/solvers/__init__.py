@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from jaxdiff.solvers import (ddim, ddpm, dpm_solver, euler, euler_ancestral, heun, lms, pndm,
                              unipc)
-from jaxdiff.solvers.base import METADATA_KEYS, EmptyState, Solver
+from jaxdiff.solvers.base import METADATA_KEYS, EmptyState, Solver, schedule_from
 from jaxdiff.solvers.ddim import DDIM
 from jaxdiff.solvers.ddpm import DDPM
 from jaxdiff.solvers.dpm_solver import DPMSolverPP, MultistepState
@@ -74,7 +74,8 @@ def from_diffusers(config: Mapping[str, Any], num_inference_steps: int, **option
 
     ``options`` override config fields or set what diffusers passes to ``step()`` (DDIM's
     ``eta`` and ``use_clipped_model_output``, LMS's ``order``); ``ratios=`` (an array or a
-    ratios JSON path) applies TimeTuner ratios (``Solver.with_ratios``)."""
+    ratios JSON path) applies TimeTuner ratios (``Solver.with_ratios``); ``schedule=`` a
+    learned time grid (a schedule file or its dict, ``Solver.with_schedule``)."""
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be a dict, got {type(config).__name__}")
     cls = config.get("_class_name")
@@ -82,9 +83,9 @@ def from_diffusers(config: Mapping[str, Any], num_inference_steps: int, **option
         raise ValueError(f"unsupported _class_name={cls!r}; jaxdiff implements "
                          f"{sorted(SOLVERS)}")
     module = SOLVERS[cls]
-    ratios = options.pop("ratios", None)
+    ratios, schedule = options.pop("ratios", None), options.pop("schedule", None)
     cfg, step_opts = _resolve(config, module, options)
-    return _retime(module.build(cfg, num_inference_steps, **step_opts), ratios)
+    return retimed(module.build(cfg, num_inference_steps, **step_opts), ratios, schedule)
 
 
 def make(name: str, schedule_config: Optional[Mapping[str, Any]] = None,
@@ -92,20 +93,35 @@ def make(name: str, schedule_config: Optional[Mapping[str, Any]] = None,
     """Solver by short name: ddpm, ddim, pndm (plms), euler, euler_a, heun, lms, dpm++, unipc.
 
     ``schedule_config``: a diffusers scheduler config of any class (e.g. the model's
-    ``scheduler/scheduler_config.json``) or None for the chosen solver's defaults."""
+    ``scheduler/scheduler_config.json``) or None for the chosen solver's defaults.
+    ``ratios=`` / ``schedule=`` as for ``from_diffusers``."""
     key = name.lower() if isinstance(name, str) else name
     if key not in SHORT_NAMES and key not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose from {sorted(SHORT_NAMES)}")
     module = SOLVERS[SHORT_NAMES.get(key, key)]
-    ratios = options.pop("ratios", None)
+    ratios, schedule = options.pop("ratios", None), options.pop("schedule", None)
     cfg, step_opts = _resolve(dict(schedule_config or {}), module, options)
-    return _retime(module.build(cfg, num_inference_steps, **step_opts), ratios)
+    return retimed(module.build(cfg, num_inference_steps, **step_opts), ratios, schedule)
 
 
-def _retime(solver: Solver, ratios) -> Solver:
+def alphas_cumprod(schedule_config: Optional[Mapping[str, Any]] = None):
+    """[num_train_timesteps] float32 alpha_bar of a diffusers scheduler config (what a
+    schedule file records, ``jaxdiff.schedule_files.save_schedule(alphas_cumprod=...)``)."""
+    cfg, _ = _resolve(dict(schedule_config or {}), ddim, {})
+    return schedule_from(cfg).alphas_cumprod
+
+
+def retimed(solver: Solver, ratios=None, schedule=None) -> Solver:
+    """``solver`` with TimeTuner ratios or a learned time grid applied (either, not both)."""
+    if ratios is not None and schedule is not None:
+        raise ValueError("pass ratios= or schedule=, not both (a schedule file carries "
+                         "its own network times)")
+    if schedule is not None:
+        return solver.with_schedule(schedule)
     return solver if ratios is None else solver.with_ratios(ratios)
 
 
 __all__ = ["DDIM", "DDPM", "DPMSolverPP", "EmptyState", "Euler", "EulerAncestral", "Heun",
            "HeunState", "LMS", "LMSState", "MultistepState", "PNDM", "PNDMState", "SHORT_NAMES",
-           "SOLVERS", "Solver", "UniPC", "UniPCState", "from_diffusers", "make"]
+           "SOLVERS", "Solver", "UniPC", "UniPCState", "alphas_cumprod", "from_diffusers", "make",
+           "retimed"]

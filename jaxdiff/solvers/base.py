@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.schedule_files import load_ratios
+from jaxdiff.schedule_files import FORMAT as RATIOS_FORMAT
+from jaxdiff.schedule_files import load_ratios, load_schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -116,6 +117,58 @@ class Solver:
                                  f"{want.tolist()}, but the solver's timesteps are "
                                  f"{ts.tolist()} (same solver, steps and spacing needed)")
         return dataclasses.replace(self, timesteps=f32(r * (ts + 1.0) - 1.0))
+
+    # a solver whose tables can be rebuilt on any time grid names its family here
+    # ("ddim", "dpmsolver++": the ``solver`` field of a schedule file) and implements
+    # ``_on_grid(noise_schedule, t, network_times)``
+    grid_family = None
+
+    def grid_alpha_bars(self) -> np.ndarray:
+        """alpha_bar at the points of this solver's own time grid (to check a schedule file
+        against the noise schedule this solver was built from)."""
+        raise NotImplementedError
+
+    def with_schedule(self, schedule) -> "Solver":
+        """This solver on a learned time grid (a schedule file written by
+        ``jaxdiff.schedule_files.save_schedule`` / ``jaxdiff tune``, or its dict): step i
+        moves from t[i] to t[i + 1] with the network asked at network_t[i]. The file must
+        have been made for this solver family, this step count and this noise schedule
+        (its alpha_bar table is compared with this solver's tables), else ValueError says
+        which. Static options (prediction type, clipping, thresholding) stay this solver's.
+        A TimeTuner ratios file is accepted too (``with_ratios``).
+        """
+        doc = load_schedule(schedule)
+        name = type(self).__name__
+        if doc["format"] == RATIOS_FORMAT:
+            return self.with_ratios(schedule)
+        where = doc["where"]
+        if self.grid_family is None:
+            raise ValueError(f"{name} cannot take a learned time grid ({where}); the solvers "
+                             f"that can are DDIM and DPMSolverPP")
+        if doc["solver"] != self.grid_family:
+            raise ValueError(f"{where} was made for solver {doc['solver']!r}, not for "
+                             f"{name} ({self.grid_family!r})")
+        if doc["num_steps"] != self.num_steps:
+            raise ValueError(f"{where} was made for {doc['num_steps']} steps, but this "
+                             f"{name} has {self.num_steps}")
+        ac = np.asarray(doc["alphas_cumprod"], np.float64)
+        mine = np.asarray(self.grid_alpha_bars(), np.float64).reshape(-1)
+        near = np.min(np.abs(mine[:, None] - ac[None, :]) / ac[None, :], axis=1)
+        if np.any(near > 1e-4):
+            bad = int(np.argmax(near))
+            raise ValueError(
+                f"{where} was made for another noise schedule: this {name}'s alpha_bar "
+                f"{mine[bad]:.6g} (grid point {bad}) is not in the file's alpha_bar table "
+                f"({ac.size} training steps, {ac[0]:.6g} .. {ac[-1]:.6g}); build the "
+                f"solver from the model's own scheduler config")
+        from jaxdiff.schedules import NoiseScheduleVP, model_input_time
+        ns = NoiseScheduleVP("discrete", alphas_cumprod=doc["alphas_cumprod"])
+        t = jnp.asarray(doc["t"], jnp.float32)
+        times = model_input_time(ns, jnp.asarray(doc["network_t"], jnp.float32))
+        return self._on_grid(ns, t, times, doc["options"], where)
+
+    def _on_grid(self, noise_schedule, t, network_times, options, where):
+        raise NotImplementedError
 
     def with_network_times(self, times) -> "Solver":
         """This solver with the network asked at ``times`` [num_steps] (in the network's

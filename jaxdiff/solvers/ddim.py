@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,22 @@ class DDIM(VPPrediction, Solver):
 
     def picard_variance(self):
         return vp_step_variance(jnp.square(self.sqrt_abar), jnp.square(self.sqrt_abar_prev))
+
+    grid_family = "ddim"
+
+    def grid_alpha_bars(self):
+        return np.square(np.asarray(self.sqrt_abar, np.float64))
+
+    def _on_grid(self, noise_schedule, t, network_times, options, where):
+        eta = float(self.eta) if self.stochastic else 0.0
+        grid = on_vp_grid(noise_schedule, t[:-1], t[1:], eta=eta,
+                          prediction_type=self.prediction_type, network_times=network_times)
+        return dataclasses.replace(
+            grid, use_clipped_model_output=self.use_clipped_model_output,
+            clip_sample=self.clip_sample, clip_sample_range=self.clip_sample_range,
+            thresholding=self.thresholding,
+            dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
+            sample_max_value=self.sample_max_value)
 
 
 def build(cfg, num_inference_steps: int, eta: float = 0.0,

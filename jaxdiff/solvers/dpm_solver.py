@@ -9,6 +9,7 @@ is one fused expression.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -119,6 +120,26 @@ class DPMSolverPP(Solver):
     def picard_variance(self):
         abar = 1.0 / (1.0 + jnp.square(self.sigmas))
         return vp_step_variance(abar[:-1], abar[1:])
+
+    grid_family = "dpmsolver++"
+
+    def grid_alpha_bars(self):
+        return np.square(np.asarray(self.alpha, np.float64))
+
+    def _on_grid(self, noise_schedule, t, network_times, options, where):
+        order = int(options.get("order", self.order))
+        if order != self.order:
+            raise ValueError(f"{where} was learned for DPM-Solver++ order {order}, but this "
+                             f"solver has order {self.order}")
+        if self.stochastic or self.order > 2:
+            raise ValueError(f"{where}: a learned grid applies to DPM-Solver++ 1M/2M (ODE); "
+                             f"this solver is {self.algorithm_type} of order {self.order}")
+        grid = on_vp_grid(noise_schedule, t[:-1], t[1:], order=self.order,
+                          lower_order_final=bool(options.get("lower_order_final", True)),
+                          prediction_type=self.prediction_type, network_times=network_times)
+        return dataclasses.replace(grid, thresholding=self.thresholding,
+                                   dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
+                                   sample_max_value=self.sample_max_value)
 
 
 def vp_lambda(sigma):

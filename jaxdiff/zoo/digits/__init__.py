@@ -93,7 +93,8 @@ class DigitsPipeline:
                  solver: Union[str, Any] = "ddim",
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0, *,
                  noise: Optional[jax.Array] = None, progress: bool = False,
-                 sampler="sequential", ratios=None, sampler_options: Optional[dict] = None):
+                 sampler="sequential", ratios=None, schedule=None,
+                 sampler_options: Optional[dict] = None):
         """-> (float32 images [N, 16, 16, 1] in [0, 1], one per label; the sampler's stats).
 
         A Solver object overrides ``num_inference_steps`` (it carries its own step count).
@@ -101,7 +102,8 @@ class DigitsPipeline:
         for every sampler). ``sampler``: a sampler value (``jaxdiff.sampling.Picard(
         parallel=16, tolerance=0.1)``, ...) or a shorthand name ("sequential", "paradigms",
         "faster") whose fields come from ``sampler_options``. ``ratios``: TimeTuner ratios
-        (array or ratios JSON path) applied to the solver (``Solver.with_ratios``).
+        (array or ratios JSON path) applied to the solver (``Solver.with_ratios``);
+        ``schedule``: a learned time grid (``Solver.with_schedule``).
         """
         sampler = as_sampler(sampler, **dict(sampler_options or {}))
         labels = _check_labels(labels)
@@ -111,9 +113,7 @@ class DigitsPipeline:
         gs = float(guidance_scale)
         if not np.isfinite(gs):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
-        sol = self.solver(solver, steps)
-        if ratios is not None:
-            sol = sol.with_ratios(ratios)
+        sol = solvers.retimed(self.solver(solver, steps), ratios, schedule)
         model_fn = self.model_fn(labels, gs)
         k_x, k_step = jax.random.split(jax.random.PRNGKey(int(seed)))
         x_T = jax.random.normal(k_x, (len(labels), *IMAGE_SHAPE), jnp.float32)
