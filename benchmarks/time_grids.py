@@ -118,12 +118,13 @@ def main(argv=None) -> int:
     for k in args.nfe:
         for solver in args.solvers:
             grids = {g: (make_grid(g, ns, k), None, 0.0) for g in ZERO_COST}
-            if k not in gits_cache:
+            if not gits_cache:       # one cost matrix (teacher trajectories) for every K
                 t_start = time.perf_counter()
-                res = gits.learn(model_fn_for, ns, k, train[0], train[2], fine=100,
-                                 teacher_steps=args.teacher_steps)
-                gits_cache[k] = (res["t"], time.perf_counter() - t_start + pair_seconds)
-            grids["GITS"] = (gits_cache[k][0], None, gits_cache[k][1])
+                gits_cache["costs"] = gits.fine_costs(model_fn_for, ns, train[0], train[2],
+                                                      fine=100, teacher_steps=args.teacher_steps)
+                gits_cache["seconds"] = time.perf_counter() - t_start
+            res = gits.grid_from_costs(*gits_cache["costs"], k)
+            grids["GITS"] = (res["t"], None, gits_cache["seconds"])
             # LD3 starts from the zero-cost grid best on its own held-out pairs
             start = min(ZERO_COST, key=lambda g: valid_rmse(solver, grids[g][0]))
             res = ld3.learn(model_fn_for, ns, k, train, valid, config=ld3.LD3Config(

@@ -80,25 +80,37 @@ def shortest_path(cost: np.ndarray, num_steps: int) -> np.ndarray:
     return np.asarray(path[::-1])
 
 
+def fine_costs(model_fn_for: Callable, ns: NoiseScheduleVP, x_T, cond, *, fine: int = 100,
+               teacher_steps: int = TEACHER_STEPS, prediction_type: str = "epsilon"):
+    """-> (fine_t [fine + 1], cost [fine + 1, fine + 1]) from the teacher trajectories of
+    x_T [N, ...] (one batch, conditioned on ``cond``); one cost matrix serves every K."""
+    model_fn = model_fn_for(jnp.asarray(cond))
+    t, x = fine_trajectories(model_fn, ns, jnp.asarray(x_T), fine=int(fine),
+                             teacher_steps=int(teacher_steps))
+    return t, step_costs(model_fn, ns, t, x, prediction_type)
+
+
+def grid_from_costs(fine_t, cost, num_steps: int) -> dict:
+    path = shortest_path(cost, num_steps)
+    grid = np.asarray(fine_t, np.float64)[path]
+    return {"t": grid, "path": path,
+            "cost": float(sum(cost[a, b] for a, b in zip(path[:-1], path[1:])))}
+
+
 def learn(model_fn_for: Callable, ns: NoiseScheduleVP, num_steps: int, x_T, cond, *,
           fine: int = 100, teacher_steps: int = TEACHER_STEPS,
           prediction_type: str = "epsilon") -> dict:
-    """-> {"t": [K + 1] grid, "cost": its summed step cost, "fine_t", "seconds"} from the
-    teacher trajectories of x_T [N, ...] (one batch, conditioned on ``cond``)."""
+    """-> {"t": [K + 1] grid, "cost": its summed step cost, "path", "fine_t", "seconds"}."""
     check_teacher_steps(teacher_steps, num_steps)
     if not int(num_steps) <= int(fine):
         raise ValueError(f"the fine grid ({fine} steps) must have at least num_steps "
                          f"({num_steps}) steps")
     start = time.perf_counter()
-    model_fn = model_fn_for(jnp.asarray(cond))
-    t, x = fine_trajectories(model_fn, ns, jnp.asarray(x_T), fine=int(fine),
-                             teacher_steps=int(teacher_steps))
-    cost = step_costs(model_fn, ns, t, x, prediction_type)
-    path = shortest_path(cost, num_steps)
-    grid = t[path]
-    grid[0], grid[-1] = t[0], t[-1]
-    return {"t": grid, "cost": float(sum(cost[a, b] for a, b in zip(path[:-1], path[1:]))),
-            "fine_t": t, "path": path, "seconds": time.perf_counter() - start}
+    t, cost = fine_costs(model_fn_for, ns, x_T, cond, fine=fine, teacher_steps=teacher_steps,
+                         prediction_type=prediction_type)
+    out = grid_from_costs(t, cost, num_steps)
+    return dict(out, fine_t=t, seconds=time.perf_counter() - start)
 
 
-__all__ = ["fine_trajectories", "learn", "shortest_path", "step_costs"]
+__all__ = ["fine_costs", "fine_trajectories", "grid_from_costs", "learn", "shortest_path",
+           "step_costs"]

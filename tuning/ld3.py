@@ -140,9 +140,10 @@ def learn(model_fn_for: Callable, ns: NoiseScheduleVP, num_steps: int, train, va
     batch = min(int(cfg.batch), xs.shape[0])
     if batch < 1 or vx.shape[0] < 1:
         raise ValueError("need at least one training and one held-out pair")
-    t0 = float(ns.T if t_start is None else t_start)
-    t1 = float(ns.eps if t_end is None else t_end)
-    init_t = make_grid(cfg.init, ns, k, t_start=t0, t_end=t1)
+    # the ends are fixed: by default those of the starting grid (diffusers' leading and
+    # trailing spacings start below T, and that start is part of what makes them good)
+    init_t = make_grid(cfg.init, ns, k, t_start=t_start, t_end=t_end)
+    t0, t1 = float(init_t[0]), float(init_t[-1])
     params = GridParams(jnp.asarray(logits_for_grid(init_t)), jnp.zeros((k,), jnp.float32))
     opt = optax.adam(cfg.lr)
     opt_state = opt.init(params)
