@@ -15,6 +15,7 @@ import unet_forward  # noqa: E402
 import compile_times  # noqa: E402
 import picard_methods  # noqa: E402
 import window_cost  # noqa: E402
+import time_grids  # noqa: E402
 
 
 def main():
@@ -29,6 +30,7 @@ def main():
     compile_times.main([])
     picard_methods.main([])
     window_cost.main([])
+    time_grids.main([])
 
 
 if __name__ == "__main__":
