@@ -64,6 +64,13 @@ def main(argv=None) -> int:
     ap.add_argument("--valid", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lr", type=float, default=0.02, help="LD3 Adam learning rate")
+    ap.add_argument("--add", nargs="+", choices=["timetuner", "gits", "ld3"], default=None,
+                    help="(re)compute these rows in the last full run's table at --nfe: "
+                         "TimeTuner parallel and sequential (100 iterations per ratio, on its "
+                         "leading grid); GITS with a free start (tuning.gits.learn's default; the "
+                         "main rows start at T as the paper does); LD3 with --epochs "
+                         "and --lr (a row of its own)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -80,6 +87,8 @@ def main(argv=None) -> int:
     from tuning.teacher import solve_batches, student_solver, teacher_gap, teacher_solver
 
     _, ns, model_fn_for = grid_problem(1.0)
+    if args.add:
+        return _add_rows(args, ns, model_fn_for)
     x_e, lab_e = grid_pairs(args.n_eval, 0)
     t0 = time.perf_counter()
     ref = _teacher(model_fn_for, ns, x_e, lab_e, args.teacher_steps, "eval")
@@ -123,7 +132,7 @@ def main(argv=None) -> int:
                 gits_cache["costs"] = gits.fine_costs(model_fn_for, ns, train[0], train[2],
                                                       fine=100, teacher_steps=args.teacher_steps)
                 gits_cache["seconds"] = time.perf_counter() - t_start
-            res = gits.grid_from_costs(*gits_cache["costs"], k)
+            res = gits.grid_from_costs(*gits_cache["costs"][:2], k)   # start at T, as GITS
             grids["GITS"] = (res["t"], None, gits_cache["seconds"])
             # LD3 starts from the zero-cost grid best on its own held-out pairs
             start = min(ZERO_COST, key=lambda g: valid_rmse(solver, grids[g][0]))
@@ -173,6 +182,98 @@ def main(argv=None) -> int:
     return 0
 
 
+def _add_rows(args, ns, model_fn_for) -> int:
+    """TimeTuner / GITS rows for the last full run's table (same evaluation seeds, teacher
+    and tuning pairs)."""
+    import jax
+
+    from jaxdiff.time_grids import make_grid
+    from jaxdiff.zoo.digits import data, metrics
+    from tuning import measure
+    from tuning.cli import RandomBatches
+    from tuning.digits import build_tuner, grid_pairs
+    from tuning.teacher import solve_batches, student_solver
+
+    path = WORK / "time_grids.json"
+    out = json.loads(path.read_text())
+    x_e, lab_e = grid_pairs(out["n_eval"], 0)
+    ref = _teacher(model_fn_for, ns, x_e, lab_e, out["teacher_steps"], "eval")
+    f_ref = metrics.features(np.clip((ref + 1) / 2, 0, 1))
+    from tuning import gits
+    from tuning.grid_cli import TRAIN_SEED, VALID_SEED, teacher_pairs
+
+    train = data.load("train")
+    tuner = build_tuner()
+    ld3_name = f"LD3 {args.epochs} epochs, lr {args.lr:g}"
+    redo = tuple({"timetuner": "TimeTuner", "gits": "GITS, free start", "ld3": ld3_name}[a]
+                 for a in args.add)
+    rows = [r for r in out["rows"] if not r["grid"].startswith(redo)]
+    if "ld3" in args.add:
+        from tuning import ld3
+        t0 = time.perf_counter()
+        tr = teacher_pairs(model_fn_for, ns, args.pairs, TRAIN_SEED, out["teacher_steps"])
+        va = teacher_pairs(model_fn_for, ns, args.valid, VALID_SEED, out["teacher_steps"])
+        pair_seconds = time.perf_counter() - t0
+    if "gits" in args.add:
+        t0 = time.perf_counter()
+        pairs = teacher_pairs(model_fn_for, ns, args.pairs, TRAIN_SEED, out["teacher_steps"])
+        costs = gits.fine_costs(model_fn_for, ns, pairs[0], pairs[2], fine=100,
+                                teacher_steps=out["teacher_steps"])
+        gits_seconds = time.perf_counter() - t0
+    for k in args.nfe:
+        for solver in args.solvers:
+            mine = [r for r in rows if r["solver"] == solver and r["nfe"] == k]
+            if not mine:
+                continue
+            best = mine[0]["best_zero_cost"]
+            run = lambda t, net: solve_batches(model_fn_for, lab_e, x_e,
+                                               student_solver(ns, solver, t, net), batch=500)
+            err_best = measure.rmse(run(make_grid(best, ns, k), None), ref)
+            runs = []
+            if "gits" in args.add:
+                runs.append(("GITS, free start", gits.grid_from_costs(*costs, k)["t"], None,
+                             gits_seconds))
+            if "ld3" in args.add:
+                start = [r for r in mine if r["grid"].startswith("LD3 (from")][0]["grid"]
+                start = start[len("LD3 (from "):-1]
+                res = ld3.learn(model_fn_for, ns, k, tr, va, config=ld3.LD3Config(
+                    solver=solver, init=start, epochs=args.epochs, lr=args.lr, batch=25,
+                    patience=max(8, args.epochs // 5)))
+                runs.append((f"{ld3_name} (from {start})", res.t, res.network_t,
+                             res.seconds + pair_seconds))
+            t = make_grid("leading", ns, k)          # TimeTuner's reference grid
+            for tune_type in (("parallel", "sequential") if "timetuner" in args.add else ()):
+                batches = RandomBatches(train.images, train.labels, 16, 40, 0)
+                t0 = time.perf_counter()
+                ratios, _ = tuner.optimize_timesteps(batches, k, tune_type=tune_type,
+                                                     lr=2e-3, total_iters=100,
+                                                     key=jax.random.key(0), solver=solver)
+                runs.append((f"TimeTuner {tune_type} (leading)", t,
+                             np.asarray(ratios, np.float64) * t[:-1], time.perf_counter() - t0))
+            for name, tt, net, secs in runs:
+                x = run(tt, net)
+                err = measure.rmse(x, ref)
+                f = metrics.features(np.clip((x + 1) / 2, 0, 1))
+                rows.append(dict(solver=solver, nfe=k, grid=name,
+                                 tune_seconds=secs, rmse=measure.bootstrap_mean(err),
+                                 psnr=float(measure.psnr(x, ref).mean()),
+                                 fd_teacher=metrics.frechet_distance(f, f_ref),
+                                 fd_real=metrics.fd_digits(np.clip((x + 1) / 2, 0, 1)),
+                                 best_zero_cost=best,
+                                 vs_best=measure.paired_difference(err, err_best),
+                                 rel_vs_best=float(err.mean() / err_best.mean() - 1)))
+                print(f"{name} {solver} NFE {k}: {err.mean():.4f} "
+                      f"(best zero-cost {best} {err_best.mean():.4f}) in {secs:.0f} s", flush=True)
+    order = {(r["solver"], r["nfe"]): i for i, r in enumerate(rows)}
+    rows.sort(key=lambda r: order[(r["solver"], r["nfe"])])
+    out["rows"] = rows
+    path.write_text(json.dumps(out, indent=1, default=float))
+    if not args.no_write:
+        write_section("Learned time grids (digits)", _table(out))
+    print(_table(out))
+    return 0
+
+
 def _fmt_ci(m):
     return f"{m[0]:.4f} [{m[1]:.4f}, {m[2]:.4f}]"
 
@@ -188,7 +289,14 @@ def _table(out) -> str:
         f"grid of the same solver and NFE (interval; negative = better). FD-teacher: Frechet "
         f"distance between classifier features of the samples and of the teacher's samples. "
         f"FD-real: FD-digits vs the held-out real digits (teacher {out['fd_teacher_real']:.2f}, "
-        f"real-vs-real floor {out['fd_floor']:.2f}). Tuning time includes the teacher pairs.",
+        f"real-vs-real floor {out['fd_floor']:.2f}). GITS: DDIM step costs between the "
+        f"points of a 100-step fine teacher grid on the 100 tuning trajectories, shortest "
+        f"K-step path starting at T (as the paper); 'GITS, free start' may start lower, "
+        f"priced by |x_T - x_t|. LD3: 100 tuning pairs, 50 held out for early stopping, "
+        f"started from the zero-cost grid best on the held-out pairs, 30 epochs at lr 0.02 "
+        f"unless the row says otherwise. TimeTuner: 100 iterations per ratio on its leading "
+        f"grid (digits training images). Tuning time includes the teacher pairs (LD3) or "
+        f"trajectories (GITS).",
         "",
         "| solver | NFE | grid | RMSE to teacher [95% CI] | vs best zero-cost [95% CI] | rel. | "
         "PSNR dB | FD-teacher | FD-real | tuning s |",

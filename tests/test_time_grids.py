@@ -315,6 +315,13 @@ def test_shortest_path_is_the_brute_force_optimum():
     best = min(itertools.combinations(range(1, m), k - 1),
                key=lambda mid: sum(cost[a, b] for a, b in zip((0,) + mid, mid + (m,))))
     assert tuple(path) == (0,) + best + (m,)
+    # a priced start: the path may begin at any node below m
+    start = rng.uniform(0.0, 0.5, m + 1)
+    start[m] = np.inf
+    path = gits.shortest_path(cost, k, start)
+    best = min(itertools.combinations(range(m), k),
+               key=lambda p: start[p[0]] + sum(cost[a, b] for a, b in zip(p, p[1:] + (m,))))
+    assert tuple(path) == best + (m,)
     with pytest.raises(ValueError, match="num_steps must be in"):
         gits.shortest_path(cost, 8)
 
@@ -322,9 +329,12 @@ def test_shortest_path_is_the_brute_force_optimum():
 def test_gits_grid_beats_uniform_on_the_exact_solution():
     k = 3
     x_T, _, cond = pairs(64, 10)
-    res = gits.learn(model_for, NS, k, x_T, cond, fine=50, teacher_steps=200)
+    res = gits.learn(model_for, NS, k, x_T, cond, fine=50, teacher_steps=200,
+                     free_start=False)
     t = res["t"]
     assert t.shape == (k + 1,) and t[0] == NS.T and np.all(np.diff(t) < 0)
+    free = gits.learn(model_for, NS, k, x_T, cond, fine=50, teacher_steps=200)["t"]
+    assert free.shape == (k + 1,) and free[0] <= NS.T and np.all(np.diff(free) < 0)
     x_e, want, c_e = pairs(200, 11)
     err = lambda tt: measure.rmse(teacher.solve_batches(
         model_for, c_e, x_e, teacher.student_solver(NS, "ddim", tt), batch=200), want)

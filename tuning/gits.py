@@ -60,8 +60,10 @@ def step_costs(model_fn, ns: NoiseScheduleVP, t, x, prediction_type: str = "epsi
     return cost
 
 
-def shortest_path(cost: np.ndarray, num_steps: int) -> np.ndarray:
-    """The node indices 0 = i_0 < ... < i_K = M minimising sum cost[i_j, i_{j+1}]."""
+def shortest_path(cost: np.ndarray, num_steps: int, start_cost=None) -> np.ndarray:
+    """The node indices i_0 < ... < i_K = M minimising start_cost[i_0] + sum cost[i_j, i_{j+1}].
+    ``start_cost`` [M + 1] (default: 0 at node 0, inf elsewhere, i.e. i_0 = 0) prices
+    starting the K steps at a later node."""
     m_total = cost.shape[0] - 1
     k = int(num_steps)
     if not 1 <= k <= m_total:
@@ -69,7 +71,10 @@ def shortest_path(cost: np.ndarray, num_steps: int) -> np.ndarray:
                          f"{m_total} steps, got {num_steps}")
     best = np.full((k + 1, m_total + 1), np.inf)
     back = np.zeros((k + 1, m_total + 1), np.int64)
-    best[0, 0] = 0.0
+    if start_cost is None:
+        best[0, 0] = 0.0
+    else:
+        best[0] = np.asarray(start_cost, np.float64)
     for j in range(1, k + 1):
         total = best[j - 1][:, None] + cost          # [from, to]
         back[j] = np.argmin(total, axis=0)
@@ -82,33 +87,46 @@ def shortest_path(cost: np.ndarray, num_steps: int) -> np.ndarray:
 
 def fine_costs(model_fn_for: Callable, ns: NoiseScheduleVP, x_T, cond, *, fine: int = 100,
                teacher_steps: int = TEACHER_STEPS, prediction_type: str = "epsilon"):
-    """-> (fine_t [fine + 1], cost [fine + 1, fine + 1]) from the teacher trajectories of
-    x_T [N, ...] (one batch, conditioned on ``cond``); one cost matrix serves every K."""
+    """-> (fine_t [fine + 1], cost [fine + 1, fine + 1], start_cost [fine + 1]) from the
+    teacher trajectories of x_T [N, ...] (one batch, conditioned on ``cond``); one cost
+    matrix serves every K. ``start_cost[m]`` is the mean RMSE between x_T and the teacher's
+    x_m: the error of a grid that starts at t_m and takes x_T for the latent there (as
+    diffusers' leading/trailing spacings do below T)."""
     model_fn = model_fn_for(jnp.asarray(cond))
     t, x = fine_trajectories(model_fn, ns, jnp.asarray(x_T), fine=int(fine),
                              teacher_steps=int(teacher_steps))
-    return t, step_costs(model_fn, ns, t, x, prediction_type)
+    flat = np.asarray(x).reshape(x.shape[0], x.shape[1], -1)
+    start = np.sqrt(np.mean(np.square(flat - flat[:1]), axis=2)).mean(axis=1)
+    start[-1] = np.inf                       # K >= 1 steps must remain
+    return t, step_costs(model_fn, ns, t, x, prediction_type), start
 
 
-def grid_from_costs(fine_t, cost, num_steps: int) -> dict:
-    path = shortest_path(cost, num_steps)
+def grid_from_costs(fine_t, cost, num_steps: int, start_cost=None) -> dict:
+    """The K-step grid through the fine points; ``start_cost`` given: the start may move
+    below t_0 (priced by it), else the grid starts at t_0."""
+    path = shortest_path(cost, num_steps, start_cost)
     grid = np.asarray(fine_t, np.float64)[path]
-    return {"t": grid, "path": path,
-            "cost": float(sum(cost[a, b] for a, b in zip(path[:-1], path[1:])))}
+    total = sum(cost[a, b] for a, b in zip(path[:-1], path[1:]))
+    if start_cost is not None:
+        total += start_cost[path[0]]
+    return {"t": grid, "path": path, "cost": float(total)}
 
 
 def learn(model_fn_for: Callable, ns: NoiseScheduleVP, num_steps: int, x_T, cond, *,
           fine: int = 100, teacher_steps: int = TEACHER_STEPS,
-          prediction_type: str = "epsilon") -> dict:
-    """-> {"t": [K + 1] grid, "cost": its summed step cost, "path", "fine_t", "seconds"}."""
+          prediction_type: str = "epsilon", free_start: bool = True) -> dict:
+    """-> {"t": [K + 1] grid, "cost": its summed step cost, "path", "fine_t", "seconds"}.
+    ``free_start``: the grid may start below T where that is cheaper (priced by the
+    distance of x_T to the teacher's latent there); False: GITS' fixed start at T."""
     check_teacher_steps(teacher_steps, num_steps)
     if not int(num_steps) <= int(fine):
         raise ValueError(f"the fine grid ({fine} steps) must have at least num_steps "
                          f"({num_steps}) steps")
     start = time.perf_counter()
-    t, cost = fine_costs(model_fn_for, ns, x_T, cond, fine=fine, teacher_steps=teacher_steps,
-                         prediction_type=prediction_type)
-    out = grid_from_costs(t, cost, num_steps)
+    t, cost, start_cost = fine_costs(model_fn_for, ns, x_T, cond, fine=fine,
+                                     teacher_steps=teacher_steps,
+                                     prediction_type=prediction_type)
+    out = grid_from_costs(t, cost, num_steps, start_cost if free_start else None)
     return dict(out, fine_t=t, seconds=time.perf_counter() - start)
 
 

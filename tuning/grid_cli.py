@@ -33,6 +33,21 @@ def teacher_pairs(model_fn_for, ns, n: int, seed: int, steps: int, progress: boo
     return x_T, ref, labels
 
 
+def best_zero_cost(model_fn_for, ns, solver: str, num_steps: int, pairs) -> str:
+    """The zero-cost grid (jaxdiff.time_grids.GRIDS) with the least mean RMSE to the
+    teacher on ``pairs`` = (x_T, teacher x_0, cond)."""
+    from jaxdiff.time_grids import GRIDS, make_grid
+    from tuning.measure import rmse
+    from tuning.teacher import solve_batches, student_solver
+
+    x_T, ref, cond = pairs
+
+    def err(name):
+        sol = student_solver(ns, solver, make_grid(name, ns, num_steps))
+        return float(rmse(solve_batches(model_fn_for, cond, x_T, sol, batch=len(x_T)), ref).mean())
+    return min(GRIDS, key=err)
+
+
 def plot_grid(path, ns, t, start_t, history=None, title=""):
     import matplotlib
     matplotlib.use("Agg")
@@ -92,7 +107,11 @@ def grid_main(args) -> int:
     if args.method == "ld3":
         valid = teacher_pairs(model_fn_for, ns, args.valid, VALID_SEED + args.seed,
                               args.teacher_steps, progress)
-        cfg = ld3.LD3Config(solver=family, init=args.init, lr=args.lr or 0.02,
+        init = args.init
+        if init == "auto":
+            init = best_zero_cost(model_fn_for, ns, family, args.steps, valid)
+            print(f"LD3 starts from {init}, the zero-cost grid best on the held-out pairs")
+        cfg = ld3.LD3Config(solver=family, init=init, lr=args.lr or 0.02,
                             epochs=args.epochs, batch=args.batch, seed=args.seed)
         try:
             res = ld3.learn(model_fn_for, ns, args.steps, train, valid, config=cfg,
@@ -102,10 +121,10 @@ def grid_main(args) -> int:
         except ValueError as e:
             return fail(e)
         t, net, start, history = res.t, res.network_t, res.init_t, res.history
-        meta.update(init=args.init, valid=args.valid, epochs_run=res.epochs_run,
+        meta.update(init=init, valid=args.valid, epochs_run=res.epochs_run,
                     valid_rmse=res.valid_rmse, init_valid_rmse=res.init_valid_rmse)
         print(f"LD3 {family} K={args.steps}: held-out RMSE to the teacher "
-              f"{res.init_valid_rmse:.4f} ({args.init}) -> {res.valid_rmse:.4f} in "
+              f"{res.init_valid_rmse:.4f} ({init}) -> {res.valid_rmse:.4f} in "
               f"{res.epochs_run} epochs")
     else:
         from tuning.teacher import FAMILIES  # noqa: F401  (family checked by the parser)
@@ -136,4 +155,4 @@ def grid_main(args) -> int:
     return 0
 
 
-__all__ = ["grid_main", "plot_grid", "teacher_pairs"]
+__all__ = ["best_zero_cost", "grid_main", "plot_grid", "teacher_pairs"]
