@@ -231,7 +231,7 @@ def _add_rows(args, ns, model_fn_for) -> int:
             err_best = measure.rmse(run(make_grid(best, ns, k), None), ref)
             runs = []
             if "gits" in args.add:
-                runs.append(("GITS, free start", gits.grid_from_costs(*costs, k)["t"], None,
+                runs.append(("GITS, free start", gits.grid_from_costs(costs[0], costs[1], k, costs[2])["t"], None,
                              gits_seconds))
             if "ld3" in args.add:
                 start = [r for r in mine if r["grid"].startswith("LD3 (from")][0]["grid"]
