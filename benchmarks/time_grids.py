@@ -71,6 +71,9 @@ def main(argv=None) -> int:
                          "leading grid); GITS with a free start (tuning.gits.learn's default; the "
                          "main rows start at T as the paper does); LD3 with --epochs "
                          "and --lr (a row of its own)")
+    ap.add_argument("--ld3-init", choices=["best", "gits"], default="best",
+                    help="--add ld3 starts from the best zero-cost grid (default) or from the "
+                         "GITS free-start grid (its tuning time then includes GITS's)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -205,6 +208,8 @@ def _add_rows(args, ns, model_fn_for) -> int:
     train = data.load("train")
     tuner = build_tuner()
     ld3_name = f"LD3 {args.epochs} epochs, lr {args.lr:g}"
+    if args.ld3_init == "gits":
+        ld3_name += ", from GITS free start"
     redo = tuple({"timetuner": "TimeTuner", "gits": "GITS, free start", "ld3": ld3_name}[a]
                  for a in args.add)
     rows = [r for r in out["rows"] if not r["grid"].startswith(redo)]
@@ -214,7 +219,7 @@ def _add_rows(args, ns, model_fn_for) -> int:
         tr = teacher_pairs(model_fn_for, ns, args.pairs, TRAIN_SEED, out["teacher_steps"])
         va = teacher_pairs(model_fn_for, ns, args.valid, VALID_SEED, out["teacher_steps"])
         pair_seconds = time.perf_counter() - t0
-    if "gits" in args.add:
+    if "gits" in args.add or args.ld3_init == "gits":
         t0 = time.perf_counter()
         pairs = teacher_pairs(model_fn_for, ns, args.pairs, TRAIN_SEED, out["teacher_steps"])
         costs = gits.fine_costs(model_fn_for, ns, pairs[0], pairs[2], fine=100,
@@ -234,13 +239,17 @@ def _add_rows(args, ns, model_fn_for) -> int:
                 runs.append(("GITS, free start", gits.grid_from_costs(costs[0], costs[1], k, costs[2])["t"], None,
                              gits_seconds))
             if "ld3" in args.add:
-                start = [r for r in mine if r["grid"].startswith("LD3 (from")][0]["grid"]
-                start = start[len("LD3 (from "):-1]
+                if args.ld3_init == "gits":
+                    start = tuple(gits.grid_from_costs(costs[0], costs[1], k, costs[2])["t"])
+                    name, extra = ld3_name, gits_seconds
+                else:
+                    start = [r for r in mine if r["grid"].startswith("LD3 (from")][0]["grid"]
+                    start = start[len("LD3 (from "):-1]
+                    name, extra = f"{ld3_name} (from {start})", 0.0
                 res = ld3.learn(model_fn_for, ns, k, tr, va, config=ld3.LD3Config(
                     solver=solver, init=start, epochs=args.epochs, lr=args.lr, batch=25,
                     patience=max(8, args.epochs // 5)))
-                runs.append((f"{ld3_name} (from {start})", res.t, res.network_t,
-                             res.seconds + pair_seconds))
+                runs.append((name, res.t, res.network_t, res.seconds + pair_seconds + extra))
             t = make_grid("leading", ns, k)          # TimeTuner's reference grid
             for tune_type in (("parallel", "sequential") if "timetuner" in args.add else ()):
                 batches = RandomBatches(train.images, train.labels, 16, 40, 0)

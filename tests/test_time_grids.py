@@ -355,3 +355,18 @@ def test_bootstrap_interval():
         measure.bootstrap_mean([1.0, np.nan])
     np.testing.assert_allclose(measure.psnr(np.zeros((1, 4)), np.full((1, 4), 0.2)),
                                20 * np.log10(2 / 0.2))
+
+
+def test_ld3_starts_from_a_given_grid_and_keeps_its_ends():
+    k = 3
+    train, valid = pairs(32, 8), pairs(16, 9)
+    start = (0.8, 0.5, 0.2, float(NS.eps))          # a free start below T, as GITS may choose
+    res = ld3.learn(model_for, NS, k, train, valid,
+                    config=_small_config(init=start, epochs=2), progress=False)
+    np.testing.assert_allclose(res.init_t, start)
+    assert abs(res.t[0] - 0.8) < 1e-7 and abs(res.t[-1] - NS.eps) < 1e-7
+    assert res.valid_rmse <= res.init_valid_rmse
+    with pytest.raises(ValueError, match="2 steps, not num_steps=3"):
+        ld3.learn(model_for, NS, k, train, valid, config=_small_config(init=(0.8, 0.4, 0.1)))
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        ld3.learn(model_for, NS, k, train, valid, config=_small_config(init=(0.8, 0.9, 0.4, 0.1)))

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ import optax
 
 from jaxdiff.sampling import sample
 from jaxdiff.sampling.pytree import combine, partition
+from jaxdiff.schedule_files import check_time_grid
 from jaxdiff.schedules import NoiseScheduleVP
 from jaxdiff.time_grids import make_grid
 from tuning.checkpoint import RunCheckpoints
@@ -51,7 +52,8 @@ class GridParams(NamedTuple):
 class LD3Config:
     solver: str = "ddim"
     order: int = 2               # DPM-Solver++ order
-    init: str = "time_uniform"   # the zero-cost grid to start from (jaxdiff.time_grids)
+    init: Union[str, tuple] = "time_uniform"   # the grid to start from: a zero-cost grid's
+    #                                name (jaxdiff.time_grids) or K + 1 times (e.g. GITS's grid)
     rate: float = 0.5            # network-time window, as a fraction of the smaller gap
     learn_network_times: bool = True
     forcing: float = 0.001       # soft teacher forcing radius = forcing * d / K^2 (0: off)
@@ -61,6 +63,19 @@ class LD3Config:
     epochs: int = 40
     patience: int = 8
     seed: int = 0
+
+
+def initial_grid(init, ns, k: int, t_start=None, t_end=None) -> np.ndarray:
+    """The starting grid: a zero-cost grid by name, or given times (K + 1, decreasing)."""
+    if isinstance(init, str):
+        return make_grid(init, ns, k, t_start=t_start, t_end=t_end)
+    if t_start is not None or t_end is not None:
+        raise ValueError("t_start / t_end apply to a named starting grid; an explicit grid "
+                         "brings its own ends")
+    t, _ = check_time_grid(init, t_max=float(ns.T), t_min=0.0, where="LD3 starting grid")
+    if t.shape[0] != k + 1:
+        raise ValueError(f"LD3 starting grid has {t.shape[0] - 1} steps, not num_steps={k}")
+    return t
 
 
 def grid_from_logits(logits, t_start: float, t_end: float):
@@ -142,7 +157,8 @@ def learn(model_fn_for: Callable, ns: NoiseScheduleVP, num_steps: int, train, va
         raise ValueError("need at least one training and one held-out pair")
     # the ends are fixed: by default those of the starting grid (diffusers' leading and
     # trailing spacings start below T, and that start is part of what makes them good)
-    init_t = make_grid(cfg.init, ns, k, t_start=t_start, t_end=t_end)
+    init_t = initial_grid(cfg.init, ns, k, t_start, t_end)
+    init_name = cfg.init if isinstance(cfg.init, str) else "the given grid"
     t0, t1 = float(init_t[0]), float(init_t[-1])
     params = GridParams(jnp.asarray(logits_for_grid(init_t)), jnp.zeros((k,), jnp.float32))
     opt = optax.adam(cfg.lr)
@@ -195,7 +211,7 @@ def learn(model_fn_for: Callable, ns: NoiseScheduleVP, num_steps: int, train, va
     history = {"train": [], "valid": []}
     init_valid = held_out(params)
     if not math.isfinite(init_valid):
-        raise NonFiniteLossError(f"LD3: the held-out RMSE of the starting grid ({cfg.init}, "
+        raise NonFiniteLossError(f"LD3: the held-out RMSE of the starting grid ({init_name}, "
                                  f"K={k}) is {init_valid}: the model returns NaN/inf there")
     best = (init_valid, params)        # the starting grid competes too
     if checkpoint_dir is not None:
