@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxdiff import solvers
 from jaxdiff.guidance import classifier_free
-from jaxdiff.images import image_grid, to_pil
+from jaxdiff.images import as_array, image_grid, to_pil
 from jaxdiff.models.attention import set_attention
 from jaxdiff.models.vae import tiled_decode
 from jaxdiff.sampling import as_sampler, run
@@ -149,20 +149,34 @@ class StableDiffusionPipeline:
                  num_images_per_prompt: int = 1, seed=0, latents=None, noise=None,
                  solver=None, prompt_embeds=None, negative_prompt_embeds=None,
                  output_type: str = "np", progress: bool = False, sampler="sequential",
-                 ratios=None, schedule=None, sampler_options: Optional[dict] = None):
+                 ratios=None, schedule=None, sampler_options: Optional[dict] = None,
+                 image=None, strength: float = 0.8, denoising_start: Optional[float] = None,
+                 denoising_end: Optional[float] = None, **conditioning):
         """Generate images -> (images or latents, the sampler's stats).
         ``seed``: an int (image j uses seed + j) or one int per image.
-        ``latents``: standard-normal x_T [N, h, w, C] (NHWC) instead of seeds.
+        ``latents``: standard-normal x_T [N, h, w, C] (NHWC) instead of seeds (with
+        ``image``: the noise added to the image's latents).
         ``sampler``: a sampler value (``jaxdiff.sampling.Sequential()``, ``Picard(parallel=16,
         tolerance=0.1, mesh=...)``, ``EncoderPropagation(key_steps="paper")``) or a shorthand
         name ("sequential", "paradigms", "faster") whose fields come from
         ``sampler_options``. ``ratios``: TimeTuner ratios (array or ratios JSON path) applied
         to the solver (``Solver.with_ratios``); ``schedule``: a learned time grid (schedule
-        file or dict, ``Solver.with_schedule``)."""
+        file or dict, ``Solver.with_schedule``).
+        Image-to-image: ``image`` (PIL, or [N, H, W, 3] in [0, 1]; or latents [N, h, w, C])
+        is VAE-encoded (the posterior mean), noised by the solver's own rule to the step
+        where ``strength`` (in (0, 1]) starts, and the remaining steps run under any
+        sampler. ``denoising_end`` / ``denoising_start`` (fractions of the training
+        timesteps) cut the schedule as diffusers' base + refiner hand-over: the base stops
+        early (``output_type="latent"``), the refiner takes those latents as ``image``
+        and continues without adding noise."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         sampler = as_sampler(sampler, **dict(sampler_options or {}))
         f = self.vae_scale_factor
+        given = None if image is None else self._image_input(image)
+        if given is not None and height is None and width is None:
+            scale = f if given.shape[-1] == self.latent_channels else 1
+            height, width = given.shape[1] * scale, given.shape[2] * scale
         default = (self.unet.config.sample_size or 64) * f
         height = default if height is None else int(height)
         width = default if width is None else int(width)
@@ -170,21 +184,15 @@ class StableDiffusionPipeline:
             raise ValueError(f"height and width must be positive multiples of {f}, got "
                              f"{height}x{width}")
 
-        cond = self._embeddings(prompt, prompt_embeds, "prompt")
         do_cfg = guidance_scale is not None and float(guidance_scale) != 1.0
-        uncond = None
-        if do_cfg and negative_prompt_embeds is not None:
-            uncond = jnp.asarray(negative_prompt_embeds)
-        elif do_cfg:
-            neg = "" if negative_prompt is None else negative_prompt
-            neg = [neg] * cond.shape[0] if isinstance(neg, str) else list(neg)
-            if len(neg) != cond.shape[0]:
-                raise ValueError(f"{len(neg)} negative prompts for {cond.shape[0]} prompts")
-            uncond = self.encode_prompt(neg)
+        cond_kw = self._conditioning(prompt, negative_prompt, prompt_embeds,
+                                     negative_prompt_embeds, do_cfg, height, width,
+                                     conditioning)
         if num_images_per_prompt > 1:
-            cond = jnp.repeat(cond, num_images_per_prompt, axis=0)
-            uncond = None if uncond is None else jnp.repeat(uncond, num_images_per_prompt, 0)
-        n = cond.shape[0]
+            rep = lambda a: None if a is None else jax.tree.map(  # noqa: E731
+                lambda v: jnp.repeat(v, num_images_per_prompt, axis=0), a)
+            cond_kw = {k: rep(v) for k, v in cond_kw.items()}
+        n = cond_kw["cond"].shape[0]
 
         seeds = [seed + j for j in range(n)] if np.isscalar(seed) else list(seed)
         if len(seeds) != n:
@@ -198,22 +206,130 @@ class StableDiffusionPipeline:
                 raise ValueError(f"latents must have shape {want} (NHWC), got "
                                  f"{tuple(latents.shape)}")
 
-        solver = solvers.retimed(self.make_solver(solver, num_inference_steps), ratios, schedule)
+        full = solvers.retimed(self.make_solver(solver, num_inference_steps), ratios, schedule)
+        start, stop = self.step_range(full, int(num_inference_steps), strength,
+                                      image is not None, denoising_start, denoising_end)
+        solver = full.segment(start, stop)
+        x_T = latents
+        if given is not None:
+            z0 = self._broadcast(self._image_latents(given, height, width), n,
+                                 num_images_per_prompt, "image")
+            x_start = z0 if denoising_start is not None else full.add_noise(z0, latents, start)
+            x_T = x_start / solver.init_noise_sigma     # the drivers multiply it back
         if noise is None:
             # per-image noise streams, so an image does not depend on its batch-mates
             keys = [jax.random.fold_in(jax.random.key(int(s)), 1) for s in seeds]
             noise = jnp.stack([jax.random.normal(k, (solver.num_steps,) + latents.shape[1:])
                                for k in keys], axis=1)
-        model_fn = classifier_free(self.unet, cond, uncond, guidance_scale if do_cfg else 1.0,
-                                   guidance_rescale=guidance_rescale)
+        model_fn = classifier_free(self.unet, guidance_scale=guidance_scale if do_cfg else 1.0,
+                                   guidance_rescale=guidance_rescale, **cond_kw)
         with self._precision():
-            x0, stats = run(sampler, model_fn, solver, latents, noise=noise, progress=progress)
+            x0, stats = run(sampler, model_fn, solver, x_T, noise=noise, progress=progress)
         if output_type == "latent":
             return x0, stats
         images = self.decode_latents(x0)
         if output_type == "pil":
             return to_pil(images), stats
         return np.asarray(images), stats
+
+    # ----------------------------------------------------------------- conditioning
+    def _conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                      do_cfg, height, width, options) -> dict:
+        """-> keyword arguments of ``classifier_free`` (cond, uncond, added conditioning)."""
+        if options:
+            raise TypeError(f"{type(self).__name__}.generate got unexpected keyword "
+                            f"arguments {sorted(options)}")
+        cond = self._embeddings(prompt, prompt_embeds, "prompt")
+        uncond = None
+        if do_cfg and negative_prompt_embeds is not None:
+            uncond = jnp.asarray(negative_prompt_embeds)
+        elif do_cfg:
+            uncond = self.encode_prompt(self._negatives(negative_prompt, cond.shape[0]))
+        return dict(cond=cond, uncond=uncond)
+
+    @staticmethod
+    def _negatives(negative_prompt, n: int) -> list:
+        neg = "" if negative_prompt is None else negative_prompt
+        neg = [neg] * n if isinstance(neg, str) else list(neg)
+        if len(neg) != n:
+            raise ValueError(f"{len(neg)} negative prompts for {n} prompts")
+        return neg
+
+    # ----------------------------------------------------------------- image inputs
+    def step_range(self, solver, num_inference_steps: int, strength, has_image: bool,
+                   denoising_start=None, denoising_end=None):
+        """(start, stop) of the steps to run, as diffusers' img2img ``get_timesteps`` (strength,
+        or ``denoising_start``) and SDXL's ``denoising_end`` cut."""
+        n = solver.num_steps
+        start, stop = 0, n
+        for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if v is not None and not 0.0 < float(v) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {v!r}")
+        if denoising_start is not None and not has_image:
+            raise ValueError("denoising_start needs image= (the latents the base pipeline "
+                             "returned with denoising_end and output_type='latent')")
+        train = int((self.scheduler or {}).get("num_train_timesteps", 1000))
+        ts = np.asarray(solver.timesteps, np.float64)
+        if denoising_start is not None:
+            cutoff = int(round(train - float(denoising_start) * train))
+            start = n - int(np.sum(ts < cutoff))
+        elif has_image:
+            s = float(strength)
+            if not 0.0 < s <= 1.0:
+                raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+            start = max(num_inference_steps - min(int(num_inference_steps * s),
+                                                  num_inference_steps), 0)
+        if denoising_end is not None:
+            cutoff = int(round(train - float(denoising_end) * train))
+            stop = int(np.sum(ts >= cutoff))
+        if not start < stop:
+            raise ValueError(f"no step left to run: steps {start}..{stop} of {n} (strength="
+                             f"{strength}, denoising_start={denoising_start}, denoising_end="
+                             f"{denoising_end}); use more steps or a larger strength")
+        return start, stop
+
+    def _image_input(self, image) -> np.ndarray:
+        """An image batch [N, H, W, 3] in [0, 1], or latents [N, h, w, C] given as image."""
+        arr = np.asarray(image) if isinstance(image, (np.ndarray, jax.Array)) else None
+        if arr is not None and arr.ndim == 4 and arr.shape[-1] == self.latent_channels \
+                and arr.shape[-1] != 3:
+            return arr.astype(np.float32)
+        return as_array(image, "image", (3,))
+
+    def _image_latents(self, given, height: int, width: int) -> jax.Array:
+        f = self.vae_scale_factor
+        if given.shape[-1] == self.latent_channels and given.shape[-1] != 3:
+            want = (height // f, width // f)
+            if given.shape[1:3] != want:
+                raise ValueError(f"image latents are {given.shape[1]}x{given.shape[2]}, but "
+                                 f"height x width {height}x{width} needs {want[0]}x{want[1]}")
+            return jnp.asarray(given)
+        if given.shape[1:3] != (height, width):
+            raise ValueError(f"image is {given.shape[1]}x{given.shape[2]} pixels, but height x "
+                             f"width is {height}x{width}")
+        return self.encode_images(given)
+
+    def encode_images(self, images) -> jax.Array:
+        """Images [N, H, W, 3] in [0, 1] -> diffusion latents (the VAE posterior mean, scaled
+        as the pipeline samples them; jitted)."""
+        cfg = self.vae.config
+        scale, shift = cfg.scaling_factor, cfg.shift_factor or 0.0
+        fn = self._jit("vae_encode", self.vae,
+                       lambda vae, x: (vae.encode(x * 2.0 - 1.0).mean.astype(jnp.float32)
+                                       - shift) * scale)
+        return fn(nnx.state(self.vae), jnp.asarray(images, jnp.float32))
+
+    @staticmethod
+    def _broadcast(a, n: int, per_prompt: int, what: str):
+        b = a.shape[0]
+        if b == n:
+            return a
+        if b == 1:
+            return jnp.repeat(a, n, axis=0)
+        if b * per_prompt == n:
+            return jnp.repeat(a, per_prompt, axis=0)
+        raise ValueError(f"{b} {what}s for {n} images (give one, one per prompt, or one per "
+                         f"image)")
 
     def _embeddings(self, prompt, embeds, what):
         if embeds is not None:

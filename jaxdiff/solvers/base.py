@@ -182,6 +182,56 @@ class Solver:
             times = times.astype(jnp.float32)
         return dataclasses.replace(self, timesteps=times)
 
+    # solvers whose per-step tables can be cut at any step (``segment``)
+    segmentable = False
+
+    def segment(self, start: int = 0, stop=None) -> "Solver":
+        """Steps ``start`` .. ``stop - 1`` of this solver as a solver of their own: the later
+        start of image-to-image (strength) and the base/refiner hand-over of SDXL
+        (``denoising_end`` / ``denoising_start``), as diffusers' ``set_begin_index`` and its
+        early stop. Tables are cut on the host; a multistep solver warms up again at its new
+        first step (it has no history there), while the final-step order rules keep counting
+        from the full schedule, as in diffusers. The result runs under every sampler.
+        Start a segment from a latent made by ``add_noise(x0, noise, start)`` of the full
+        solver (or a previous segment's output), divided by the segment's
+        ``init_noise_sigma`` (which the drivers multiply back)."""
+        n, name = self.num_steps, type(self).__name__
+        start = int(start)
+        stop = n if stop is None else int(stop)
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"{name}: a segment needs 0 <= start < stop <= {n} steps, got "
+                             f"start={start}, stop={stop}")
+        if (start, stop) == (0, n):
+            return self
+        if not self.segmentable:
+            raise ValueError(f"{name} cannot run part of its steps (image-to-image strength, "
+                             f"denoising_start/end); use DDIM, DDPM, Euler, Euler a or "
+                             f"DPM-Solver++")
+        cut = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("static") or not jnp.ndim(value):
+                continue
+            size = jnp.shape(value)[0]
+            if size == n:
+                cut[f.name] = value[start:stop]
+            elif size == n + 1:
+                cut[f.name] = value[start:stop + 1]
+            else:  # pragma: no cover - a table layout segment does not know
+                raise ValueError(f"{name}: table {f.name} has {size} rows for {n} steps")
+        out = dataclasses.replace(self, num_steps=stop - start, **cut)
+        return out._restart(start) if start else out
+
+    def _restart(self, start: int) -> "Solver":
+        """A segment that begins at step ``start`` > 0 of the full schedule (multistep solvers
+        drop to lower order there)."""
+        return self
+
+    def add_noise(self, x0, noise, i):
+        """The latent at step i for clean latents x0 and standard-normal noise (diffusers'
+        ``scheduler.add_noise`` at ``timesteps[i]``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no add_noise")
+
     def __len__(self):
         return self.num_steps
 
@@ -204,6 +254,9 @@ class VPPrediction:
         return vp_output(self.prediction_type, x0, x, at(self.sqrt_abar, i),
                          at(self.sqrt_1m_abar, i))
 
+    def add_noise(self, x0, noise, i):
+        return (at(self.sqrt_abar, i) * x0 + at(self.sqrt_1m_abar, i) * noise).astype(x0.dtype)
+
 
 class VEPrediction:
     """The same for k-diffusion (VE) solvers with ``sigmas`` [N + 1] (Euler, Euler a)."""
@@ -213,6 +266,9 @@ class VEPrediction:
 
     def output_for_x0(self, i, x, x0):
         return ve_output(self.prediction_type, x0, x, at(self.sigmas, i))
+
+    def add_noise(self, x0, noise, i):
+        return (x0 + at(self.sigmas, i) * noise).astype(x0.dtype)
 
 
 def vp_step_variance(a_t, a_prev):

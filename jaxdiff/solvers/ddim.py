@@ -44,6 +44,8 @@ class DDIM(VPPrediction, Solver):
 
     init_noise_sigma = 1.0
 
+    segmentable = True
+
     def _mean_std(self, i, x, model_output):
         a, s = at(self.sqrt_abar, i), at(self.sqrt_1m_abar, i)
         x0 = self._post(vp_x0(self.prediction_type, model_output, x, a, s))

@@ -40,6 +40,8 @@ class DDPM(VPPrediction, Solver):
     stochastic = True
     init_noise_sigma = 1.0
 
+    segmentable = True
+
     def _mean_std(self, i, x, model_output):
         x0 = vp_x0(self.prediction_type, model_output, x, at(self.sqrt_abar, i),
                    at(self.sqrt_1m_abar, i))

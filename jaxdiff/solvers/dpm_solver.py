@@ -55,8 +55,32 @@ class DPMSolverPP(Solver):
     thresholding: bool = static_field(default=False)
     dynamic_thresholding_ratio: float = static_field(default=0.995)
     sample_max_value: float = static_field(default=1.0)
+    solver_type: str = static_field(default="midpoint")   # second-order form ("heun")
 
     init_noise_sigma = 1.0
+    segmentable = True
+
+    def add_noise(self, x0, noise, i):
+        return (at(self.alpha, i) * x0 + at(self.sigma, i) * noise).astype(x0.dtype)
+
+    def _restart(self, start):
+        """Warm up again at a segment's first step, as diffusers does after
+        ``set_begin_index``: first order there and (order 3) at most second order next;
+        the other rows, including lower_order_final's, keep the full schedule's orders."""
+        coef, diff = np.array(self.coef, np.float64), np.array(self.diff, np.float64)
+        coef[0, 2:4], diff[0] = 0.0, 0.0
+        if self.order == 3 and self.num_steps > 1 and diff[1, 1] != 0.0:   # 3rd -> 2nd order
+            _, _, lam = vp_lambda(np.asarray(self.sigmas[1:3], np.float64))
+            h = lam[1] - lam[0]
+            a_t = 1.0 / np.sqrt(1.0 + float(self.sigmas[2]) ** 2)
+            if self.solver_type == "midpoint":
+                coef[1, 2] = 0.5 * coef[1, 1]
+            elif self.stochastic:
+                coef[1, 2] = a_t * ((1.0 - np.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
+            else:
+                coef[1, 2] = a_t * ((np.exp(-h) - 1.0) / h + 1.0)
+            coef[1, 3], diff[1, 1:] = 0.0, 0.0
+        return dataclasses.replace(self, coef=f32(coef), diff=f32(diff))
 
     @property
     def stochastic(self):
@@ -263,7 +287,7 @@ def build(cfg, num_inference_steps: int) -> DPMSolverPP:
                        prediction_type=pt, algorithm_type=algo,
                        thresholding=bool(cfg["thresholding"]),
                        dynamic_thresholding_ratio=float(cfg["dynamic_thresholding_ratio"]),
-                       sample_max_value=float(cfg["sample_max_value"]))
+                       sample_max_value=float(cfg["sample_max_value"]), solver_type=solver_type)
 
 
 def on_vp_grid(noise_schedule, t, t_next, *, order: int = 2, lower_order_final: bool = True,

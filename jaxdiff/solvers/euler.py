@@ -67,6 +67,8 @@ class Euler(VEPrediction, Solver):
     num_steps: int = static_field()
     prediction_type: str = static_field(default="epsilon")
 
+    segmentable = True
+
     def scale_model_input(self, x, i):
         s = at(self.sigmas, i)
         return (x / ((s * s + 1) ** 0.5)).astype(x.dtype)

@@ -30,6 +30,8 @@ class EulerAncestral(VEPrediction, Solver):
 
     stochastic = True
 
+    segmentable = True
+
     def scale_model_input(self, x, i):
         s = at(self.sigmas, i)
         return (x / ((s * s + 1) ** 0.5)).astype(x.dtype)
