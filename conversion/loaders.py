@@ -17,7 +17,7 @@ import numpy as np
 from conversion.checkpoint import is_checkpoint, load_model
 from conversion.convert import FAMILIES, convert_state_dict, family_of
 from conversion.safetensors_io import read_safetensors
-from jaxdiff.pipeline import StableDiffusionPipeline
+from jaxdiff.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
@@ -131,7 +131,8 @@ def load_tokenizer(folder):
 
 
 def load_pipeline(path: str | os.PathLike, dtype=jnp.float32, *, variant: str | None = None):
-    """A diffusers-format Stable Diffusion folder -> ``jaxdiff.StableDiffusionPipeline``."""
+    """A diffusers-format Stable Diffusion folder -> ``jaxdiff.StableDiffusionPipeline``, or
+    ``StableDiffusionXLPipeline`` for an SDXL base or refiner folder."""
 
     path = Path(path)
     index_path = path / "model_index.json"
@@ -152,6 +153,20 @@ def load_pipeline(path: str | os.PathLike, dtype=jnp.float32, *, variant: str | 
             sched = sub / "scheduler_config.json"
             parts[name] = json.loads(sched.read_text()) if sched.exists() else None
         # safety_checker / feature_extractor / image_encoder are not part of sampling.
+    xl = "XL" in str(index.get("_class_name", "")) or (
+        "unet" in parts and parts["unet"].config.addition_embed_type == "text_time")
+    if xl:
+        for required in ("unet", "vae", "text_encoder_2", "tokenizer_2"):
+            if required not in parts:
+                raise ValueError(f"{index_path}: an SDXL folder needs {required!r} (the "
+                                 f"second text encoder and its tokenizer); it has none")
+        vae = parts["vae"]
+        if vae.config.force_upcast and jnp.dtype(dtype) == jnp.float16:
+            parts["vae"] = _cast(vae, jnp.float32)   # as diffusers: SDXL's VAE overflows in fp16
+        flags = {k: bool(index[k]) for k in ("force_zeros_for_empty_prompt",
+                                             "requires_aesthetics_score") if k in index}
+        comps = {k: parts.get(k) for k in StableDiffusionXLPipeline.COMPONENTS}
+        return StableDiffusionXLPipeline(**comps, **flags)
     for required in ("unet", "vae", "text_encoder"):
         if required not in parts:
             raise ValueError(f"{index_path}: no loadable {required!r} component")

@@ -37,6 +37,7 @@ class StableDiffusionPipeline:
 
     COMPONENTS: ClassVar[tuple] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler",
                                    "text_encoder_2", "tokenizer_2")
+    DEFAULT_STRENGTH: ClassVar[float] = 0.8   # image-to-image (diffusers' default)
     unet: Any
     vae: Any
     text_encoder: Any
@@ -88,8 +89,7 @@ class StableDiffusionPipeline:
     # ----------------------------------------------------------------- VAE
     def decode_latents(self, latents) -> jax.Array:
         """Diffusion latents [N, h, w, C] -> images [N, H, W, 3] in [0, 1] (jitted)."""
-        cfg = self.vae.config
-        scale, shift = cfg.scaling_factor, cfg.shift_factor or 0.0
+        scale, shift = self._latent_scaling()
 
         def decode(vae, z):
             z = z / scale + shift
@@ -105,6 +105,11 @@ class StableDiffusionPipeline:
                self.vae_tile_overlap)
         fn = self._jit(key, self.vae, decode)
         return fn(nnx.state(self.vae), jnp.asarray(latents))
+
+    def _latent_scaling(self):
+        """(scale, shift): diffusion latents are (z - shift) * scale of the VAE's z."""
+        cfg = self.vae.config
+        return cfg.scaling_factor, cfg.shift_factor or 0.0
 
     def _jit(self, key, module, f):
         if key not in self._jitted:
@@ -150,7 +155,7 @@ class StableDiffusionPipeline:
                  solver=None, prompt_embeds=None, negative_prompt_embeds=None,
                  output_type: str = "np", progress: bool = False, sampler="sequential",
                  ratios=None, schedule=None, sampler_options: Optional[dict] = None,
-                 image=None, strength: float = 0.8, denoising_start: Optional[float] = None,
+                 image=None, strength: Optional[float] = None, denoising_start: Optional[float] = None,
                  denoising_end: Optional[float] = None, **conditioning):
         """Generate images -> (images or latents, the sampler's stats).
         ``seed``: an int (image j uses seed + j) or one int per image.
@@ -172,6 +177,7 @@ class StableDiffusionPipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         sampler = as_sampler(sampler, **dict(sampler_options or {}))
+        strength = self.DEFAULT_STRENGTH if strength is None else strength
         f = self.vae_scale_factor
         given = None if image is None else self._image_input(image)
         if given is not None and height is None and width is None:
@@ -312,8 +318,7 @@ class StableDiffusionPipeline:
     def encode_images(self, images) -> jax.Array:
         """Images [N, H, W, 3] in [0, 1] -> diffusion latents (the VAE posterior mean, scaled
         as the pipeline samples them; jitted)."""
-        cfg = self.vae.config
-        scale, shift = cfg.scaling_factor, cfg.shift_factor or 0.0
+        scale, shift = self._latent_scaling()
         fn = self._jit("vae_encode", self.vae,
                        lambda vae, x: (vae.encode(x * 2.0 - 1.0).mean.astype(jnp.float32)
                                        - shift) * scale)
@@ -344,4 +349,141 @@ class StableDiffusionPipeline:
         return self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt))
 
 
-__all__ = ["OUTPUT_TYPES", "StableDiffusionPipeline", "image_grid", "to_pil"]
+@dataclasses.dataclass
+class StableDiffusionXLPipeline(StableDiffusionPipeline):
+    """SDXL base or refiner: two CLIP text encoders (the refiner has only the second), their
+    penultimate hidden states concatenated, the second's pooled projection and the micro-
+    conditioning ``time_ids`` as the UNet's added conditioning (diffusers'
+    ``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline``).
+
+    Extra ``generate`` options: ``prompt_2`` / ``negative_prompt_2`` (the second encoder's
+    prompts; default the first ones), ``pooled_prompt_embeds`` /
+    ``negative_pooled_prompt_embeds``, ``original_size``, ``crops_coords_top_left``,
+    ``target_size`` and their ``negative_`` forms, ``aesthetic_score`` /
+    ``negative_aesthetic_score`` (refiner), ``clip_skip``. With no negative prompt and
+    ``force_zeros_for_empty_prompt`` (the base's setting), the negative conditioning is zeros.
+    """
+
+    force_zeros_for_empty_prompt: bool = True
+    requires_aesthetics_score: bool = False
+    DEFAULT_STRENGTH: ClassVar[float] = 0.3
+    OPTIONS: ClassVar[tuple] = (
+        "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+        "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+        "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+        "negative_aesthetic_score", "clip_skip")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.text_encoder_2 is None:
+            raise ValueError("an SDXL pipeline needs text_encoder_2 (CLIPTextModelWithProjection); "
+                             "this one has none")
+        if (self.text_encoder is None) != (self.tokenizer is None) and self.tokenizer is not None:
+            raise ValueError("SDXL: tokenizer given without text_encoder")
+
+    def _latent_scaling(self):
+        cfg = self.vae.config
+        if cfg.latents_mean is not None and cfg.latents_std is not None:
+            std = np.asarray(cfg.latents_std, np.float32)
+            return cfg.scaling_factor / std, np.asarray(cfg.latents_mean, np.float32)
+        return super()._latent_scaling()
+
+    def _encoders(self):
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return [(i, tok, te) for i, (tok, te) in enumerate(pairs) if te is not None]
+
+    def encode_prompt_xl(self, prompts, prompts_2=None, clip_skip=None, max_length=None):
+        """[B] prompts (and the second encoder's) -> ([B, L, D1 + D2] penultimate hidden
+        states concatenated, [B, P] pooled projection of text_encoder_2)."""
+        prompts_2 = prompts if prompts_2 is None else prompts_2
+        layer = -2 if clip_skip is None else -(int(clip_skip) + 2)
+        states, pooled = [], None
+        for i, tok, te in self._encoders():
+            if tok is None:
+                raise ValueError(f"this pipeline has no tokenizer{'_2' if i else ''}: pass "
+                                 "prompt_embeds and pooled_prompt_embeds instead")
+            ids = tok(list(prompts_2 if i else prompts), padding="max_length",
+                      max_length=max_length or tok.model_max_length, truncation=True,
+                      return_tensors="np").input_ids
+            def encode(m, ids, layer=layer):
+                out = m(ids)
+                return out.hidden_states[layer], out.text_embeds
+
+            fn = self._jit(("text_xl", i, layer), te, encode)
+            h, emb = fn(nnx.state(te), np.asarray(ids, np.int32))
+            states.append(h)
+            pooled = emb if emb is not None else pooled
+        return jnp.concatenate(states, axis=-1), pooled
+
+    def _conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                      do_cfg, height, width, options) -> dict:
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.generate got unexpected keyword arguments "
+                            f"{unknown}")
+        o = dict(options)
+        clip_skip = o.get("clip_skip")
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("pass either prompt or prompt_embeds, not both")
+            if o.get("pooled_prompt_embeds") is None:
+                raise ValueError("SDXL: prompt_embeds needs pooled_prompt_embeds too")
+            cond, pooled = jnp.asarray(prompt_embeds), jnp.asarray(o["pooled_prompt_embeds"])
+        else:
+            if prompt is None:
+                raise ValueError("pass prompt (str or list of str) or prompt_embeds")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            p2 = o.get("prompt_2")
+            p2 = prompts if p2 is None else ([p2] * len(prompts) if isinstance(p2, str)
+                                            else list(p2))
+            cond, pooled = self.encode_prompt_xl(prompts, p2, clip_skip)
+        n = cond.shape[0]
+        uncond = uncond_pooled = None
+        if do_cfg:
+            if negative_prompt_embeds is not None:
+                if o.get("negative_pooled_prompt_embeds") is None:
+                    raise ValueError("SDXL: negative_prompt_embeds needs "
+                                     "negative_pooled_prompt_embeds too")
+                uncond = jnp.asarray(negative_prompt_embeds)
+                uncond_pooled = jnp.asarray(o["negative_pooled_prompt_embeds"])
+            elif negative_prompt is None and self.force_zeros_for_empty_prompt:
+                uncond, uncond_pooled = jnp.zeros_like(cond), jnp.zeros_like(pooled)
+            else:
+                neg = self._negatives(negative_prompt, n)
+                neg2 = o.get("negative_prompt_2")
+                neg2 = neg if neg2 is None else self._negatives(neg2, n)
+                # diffusers encodes negatives at the penultimate layer whatever clip_skip
+                uncond, uncond_pooled = self.encode_prompt_xl(neg, neg2, None, cond.shape[1])
+        size = (int(height), int(width))
+        original = tuple(o.get("original_size") or size)
+        target = tuple(o.get("target_size") or size)
+        crops = tuple(o.get("crops_coords_top_left") or (0, 0))
+        neg_original = tuple(o.get("negative_original_size") or original)
+        neg_target = tuple(o.get("negative_target_size") or target)
+        neg_crops = tuple(o.get("negative_crops_coords_top_left") or crops)
+        if self.requires_aesthetics_score:
+            ids = original + crops + (float(o.get("aesthetic_score", 6.0)),)
+            neg_ids = neg_original + neg_crops + (float(o.get("negative_aesthetic_score", 2.5)),)
+        else:
+            ids = original + crops + target
+            neg_ids = (neg_original + neg_crops + neg_target
+                       if o.get("negative_original_size") is not None
+                       and o.get("negative_target_size") is not None else ids)
+        ucfg = self.unet.config
+        want = ucfg.projection_class_embeddings_input_dim
+        got = (ucfg.addition_time_embed_dim or 0) * len(ids) + int(pooled.shape[-1])
+        if want is not None and got != want:
+            raise ValueError(
+                f"SDXL: the UNet's added embedding takes {want} features, but "
+                f"{len(ids)} time ids x {ucfg.addition_time_embed_dim} + pooled "
+                f"{int(pooled.shape[-1])} = {got} (a refiner needs requires_aesthetics_score="
+                f"True, a base False)")
+        time_ids = lambda v: jnp.tile(jnp.asarray([v], jnp.float32), (n, 1))  # noqa: E731
+        added = {"text_embeds": pooled, "time_ids": time_ids(ids)}
+        uncond_added = None if uncond is None else {"text_embeds": uncond_pooled,
+                                                   "time_ids": time_ids(neg_ids)}
+        return dict(cond=cond, uncond=uncond, added_cond=added, uncond_added_cond=uncond_added)
+
+
+__all__ = ["OUTPUT_TYPES", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "image_grid",
+           "to_pil"]

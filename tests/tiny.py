@@ -241,3 +241,71 @@ class ToyModel:
         TRACES["decode"] += 1
         x = features.mid
         return jax.vmap(lambda t: toy_jax(x, jnp.broadcast_to(t, (x.shape[0],))))(ts)
+
+
+def _tiny_clip(vocab, hidden, projection=False, seed=0):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                         projection_dim=16, hidden_act="gelu", bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def write_tiny_sdxl(folder, seed=0):
+    """Tiny random SDXL base and refiner folders (``folder/base``, ``folder/refiner``):
+    text encoders of width 8 and 16 (the UNet's cross-attention takes their concatenation,
+    24), a pooled projection of 16, 6 time ids (base) / 5 with the aesthetic score
+    (refiner, second encoder only) of 8 features each. -> (diffusers base, refiner)."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTokenizer
+
+    from pathlib import Path
+
+    folder = Path(folder)
+    vocab = write_tiny_tokenizer(folder / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    te1, te2 = _tiny_clip(vocab, 8, seed=seed), _tiny_clip(vocab, 16, True, seed=seed + 1)
+    torch.manual_seed(seed)
+    base_unet = UNet2DConditionModel(**{**UNET_CONFIGS["sdxl"], "sample_size": 16}).eval()
+    refiner_unet = UNet2DConditionModel(**{
+        **UNET_CONFIGS["sdxl"], "sample_size": 16, "cross_attention_dim": 16,
+        "projection_class_embeddings_input_dim": 16 + 5 * 8}).eval()
+    for m in (base_unet, refiner_unet):
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "norm" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+    vae = AutoencoderKL(**{**VAE_CONFIG, "sample_size": 32}).eval()
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                   beta_schedule="scaled_linear", steps_offset=1,
+                                   timestep_spacing="leading")
+    base = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=base_unet, scheduler=sched,
+                                     add_watermarker=False)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tok,
+        unet=refiner_unet, scheduler=sched, requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False)
+    base.save_pretrained(folder / "base")
+    refiner.save_pretrained(folder / "refiner")
+    return base, refiner
+
+
+def latents_and_images_error(ref, pipe, want, got):
+    """diffusers latents ``want`` (NCHW torch) vs jaxdiff latents ``got`` (NHWC) ->
+    (relative L2 of the latents, max abs difference of the images each library decodes,
+    fraction of image values strictly inside (0, 1): a check on saturated tiny VAEs)."""
+    import torch
+
+    with torch.no_grad():
+        img = ref.vae.decode(want / ref.vae.config.scaling_factor).sample
+    want_img = nhwc((img / 2 + 0.5).clamp(0, 1).numpy())
+    got_img = np.asarray(pipe.decode_latents(got))
+    inside = float(np.mean((want_img > 0) & (want_img < 1)))
+    return (rel_l2(got, nhwc(want.numpy())), float(np.abs(got_img - want_img).max()), inside)
