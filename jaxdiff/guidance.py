@@ -40,10 +40,12 @@ class ModelFn:
     uncond_class_labels: Optional[jax.Array] = None
     added_cond: Optional[dict] = None      # SDXL: {'text_embeds', 'time_ids'}, cond half
     uncond_added_cond: Optional[dict] = None
+    extra_channels: Optional[jax.Array] = None   # [B, h, w, c] appended to the latent input
+    #                                              (an inpainting UNet's mask + masked image)
 
     # the per-sample conditioning: what a mesh's "prompts" axis splits
     BATCH_FIELDS = ("cond", "uncond", "class_labels", "uncond_class_labels", "added_cond",
-                    "uncond_added_cond")
+                    "uncond_added_cond", "extra_channels")
 
     @property
     def unet(self):
@@ -80,7 +82,10 @@ class ModelFn:
         (x, t, context, class_labels, added_cond)."""
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
         m = self.halves
-        return (_tile(x, m), _tile(t, m)) + self._network_inputs()
+        xb = _tile(x, m)
+        if self.extra_channels is not None:
+            xb = jnp.concatenate([xb, _tile(self.extra_channels.astype(x.dtype), m)], axis=-1)
+        return (xb, _tile(t, m)) + self._network_inputs()
 
     @property
     def halves(self) -> int:
@@ -144,7 +149,7 @@ def guide(uncond_out, cond_out, guidance_scale, guidance_rescale=None):
 
 def classifier_free(unet: nnx.Module, cond, uncond=None, guidance_scale=7.5, *,
                     guidance_rescale=0.0, class_labels=None, uncond_class_labels=None,
-                    added_cond=None, uncond_added_cond=None) -> ModelFn:
+                    added_cond=None, uncond_added_cond=None, extra_channels=None) -> ModelFn:
     """A model function for ``unet`` conditioned on ``cond`` ([B, S, D] encoder states).
 
     With ``uncond`` (same shape), classifier-free guidance at ``guidance_scale``; without,
@@ -165,4 +170,5 @@ def classifier_free(unet: nnx.Module, cond, uncond=None, guidance_scale=7.5, *,
                    jnp.asarray(guidance_rescale, jnp.float32),
                    None if class_labels is None else jnp.asarray(class_labels),
                    None if uncond_class_labels is None else jnp.asarray(uncond_class_labels),
-                   added_cond, uncond_added_cond)
+                   added_cond, uncond_added_cond,
+                   None if extra_channels is None else jnp.asarray(extra_channels))

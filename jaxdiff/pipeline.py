@@ -27,6 +27,7 @@ from jaxdiff.images import as_array, image_grid, to_pil
 from jaxdiff.models.attention import set_attention
 from jaxdiff.models.vae import tiled_decode
 from jaxdiff.sampling import as_sampler, run
+from jaxdiff.solvers.masked import inpainting
 
 OUTPUT_TYPES = ("np", "pil", "latent")
 
@@ -62,7 +63,7 @@ class StableDiffusionPipeline:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        return self.vae.config.latent_channels
 
     def set_attention(self, impl=None, *, fuse_qkv: bool = False) -> "StableDiffusionPipeline":
         for m in (self.unet, self.vae):
@@ -155,7 +156,8 @@ class StableDiffusionPipeline:
                  solver=None, prompt_embeds=None, negative_prompt_embeds=None,
                  output_type: str = "np", progress: bool = False, sampler="sequential",
                  ratios=None, schedule=None, sampler_options: Optional[dict] = None,
-                 image=None, strength: Optional[float] = None, denoising_start: Optional[float] = None,
+                 image=None, strength: Optional[float] = None, mask_image=None,
+                 denoising_start: Optional[float] = None,
                  denoising_end: Optional[float] = None, **conditioning):
         """Generate images -> (images or latents, the sampler's stats).
         ``seed``: an int (image j uses seed + j) or one int per image.
@@ -173,7 +175,11 @@ class StableDiffusionPipeline:
         sampler. ``denoising_end`` / ``denoising_start`` (fractions of the training
         timesteps) cut the schedule as diffusers' base + refiner hand-over: the base stops
         early (``output_type="latent"``), the refiner takes those latents as ``image``
-        and continues without adding noise."""
+        and continues without adding noise.
+        Inpainting: ``mask_image`` (PIL, or [N, H, W(, 1)] in [0, 1]; >= 0.5 = repaint) with
+        ``image``. A UNet with mask inputs (9 channels) gets the mask and the masked image's
+        latents beside its latent input; any other UNet inpaints by latent blending
+        (``jaxdiff.solvers.masked``). At strength 1 the start is pure noise, as diffusers."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         sampler = as_sampler(sampler, **dict(sampler_options or {}))
@@ -222,13 +228,33 @@ class StableDiffusionPipeline:
                                  num_images_per_prompt, "image")
             x_start = z0 if denoising_start is not None else full.add_noise(z0, latents, start)
             x_T = x_start / solver.init_noise_sigma     # the drivers multiply it back
+        extra = None
+        mask_inputs = self.unet.config.in_channels != self.latent_channels
+        if mask_image is not None:
+            if given is None or given.shape[-1] != 3:
+                raise ValueError("mask_image needs image= given as pixels ([N, H, W, 3] or PIL)")
+            mask = self._broadcast(self._mask_input(mask_image, height, width), n,
+                                   num_images_per_prompt, "mask_image")
+            mask_latent = mask[:, ::f, ::f]          # nearest, as diffusers' interpolate
+            if start == 0 and float(strength) == 1.0:
+                x_T = latents                        # diffusers: pure noise at full strength
+            if mask_inputs:
+                pixels = self._broadcast(jnp.asarray(given), n, num_images_per_prompt, "image")
+                masked = jnp.where(mask >= 0.5, 0.5, pixels)  # 0 in the VAE's [-1, 1]
+                extra = jnp.concatenate([mask_latent, self.encode_images(masked)], axis=-1)
+            else:
+                solver = inpainting(solver, z0, mask_latent, latents)
+        elif mask_inputs:
+            raise ValueError(f"this UNet takes {self.unet.config.in_channels} input channels "
+                             f"(an inpainting UNet): pass image= and mask_image=")
         if noise is None:
             # per-image noise streams, so an image does not depend on its batch-mates
             keys = [jax.random.fold_in(jax.random.key(int(s)), 1) for s in seeds]
             noise = jnp.stack([jax.random.normal(k, (solver.num_steps,) + latents.shape[1:])
                                for k in keys], axis=1)
         model_fn = classifier_free(self.unet, guidance_scale=guidance_scale if do_cfg else 1.0,
-                                   guidance_rescale=guidance_rescale, **cond_kw)
+                                   guidance_rescale=guidance_rescale, extra_channels=extra,
+                                   **cond_kw)
         with self._precision():
             x0, stats = run(sampler, model_fn, solver, x_T, noise=noise, progress=progress)
         if output_type == "latent":
@@ -301,6 +327,19 @@ class StableDiffusionPipeline:
                 and arr.shape[-1] != 3:
             return arr.astype(np.float32)
         return as_array(image, "image", (3,))
+
+    def _mask_input(self, mask_image, height: int, width: int) -> jax.Array:
+        """-> [N, H, W, 1] in {0, 1} (diffusers' mask processor binarises at 0.5)."""
+        arr = mask_image
+        if isinstance(arr, (np.ndarray, jax.Array)):
+            arr = np.asarray(arr)
+            if arr.ndim == 3 and arr.shape[-1] != 1:
+                arr = arr[..., None]                 # [N, H, W]
+        m = as_array(arr, "mask_image", (1,))
+        if m.shape[1:3] != (height, width):
+            raise ValueError(f"mask_image is {m.shape[1]}x{m.shape[2]} pixels, but height x "
+                             f"width is {height}x{width}")
+        return jnp.asarray((m >= 0.5).astype(np.float32))
 
     def _image_latents(self, given, height: int, width: int) -> jax.Array:
         f = self.vae_scale_factor

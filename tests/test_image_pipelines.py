@@ -140,3 +140,80 @@ def test_img2img_bad_inputs_named(pipes):
         pipe(**{**kw, "prompt": ["a", "b"]}, image=_images(0, 3))
     with pytest.raises(ValueError, match="denoising_start needs image"):
         pipe(**kw, denoising_start=0.5)
+
+
+@pytest.fixture(scope="module")
+def inpaint_pipes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd_inpaint9")
+    ref = write_tiny_pipeline(folder, seed=1, in_channels=9)
+    return ref, conversion.load_pipeline(folder)
+
+
+def _mask(seed, n=2, size=32):
+    """A rectangle to repaint per image, plus a soft edge (values in (0, 1) get binarised)."""
+    m = np.zeros((n, size, size), np.float32)
+    rng = np.random.default_rng(seed)
+    for j in range(n):
+        r, c = rng.integers(4, 14, 2)
+        m[j, r:r + 14, c:c + 12] = 1.0
+        m[j, r - 1, c:c + 12] = 0.6
+    return m
+
+
+@pytest.mark.parametrize("channels", [4, 9])
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_inpaint_matches_diffusers(pipes, inpaint_pipes, channels, name, monkeypatch):
+    """StableDiffusionInpaintPipeline, for a plain UNet (latent blending) and a 9-channel
+    inpainting UNet (mask + masked-image latents), at full strength and at 0.7."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as mod
+
+    ref, pipe = pipes if channels == 4 else inpaint_pipes
+    sched, _ = _scheduler(ref, name)
+    _mode_latents(monkeypatch, mod)
+    inpaint = StableDiffusionInpaintPipeline(**{**ref.components, "scheduler": sched})
+    cfg = {**dict(inpaint.scheduler.config), "_class_name": name}
+    image, mask = _images(2), _mask(3)
+    for strength in (1.0, 0.7):
+        kw = dict(prompt=["the cat", "a dog"], negative_prompt=["", "the cat"],
+                  guidance_scale=6.0, num_inference_steps=10, strength=strength)
+        with torch.no_grad():
+            want = inpaint(**kw, image=image, mask_image=mask[..., None], output_type="latent",
+                           generator=torch.Generator().manual_seed(0)).images
+        noise = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+        got = pipe(**kw, image=image, mask_image=mask, latents=nhwc(noise.numpy()),
+                   output_type="latent", solver=solvers.from_diffusers(cfg, 10))
+        lat_err, err, inside = latents_and_images_error(ref, pipe, want, got)
+        print(f"inpaint {channels}-channel {name} strength {strength}: latents rel L2 "
+              f"{lat_err:.1e}, max abs image difference {err:.2e} ({inside:.0%} unsaturated)")
+        assert lat_err <= 5e-4 and err <= 2e-3 and inside > 0.2
+
+
+def test_inpaint_keeps_the_image_and_runs_under_picard(pipes):
+    _, pipe = pipes
+    image, mask = _images(4, n=1), _mask(5, n=1)
+    kw = dict(prompt=["the cat"], image=image, mask_image=mask, num_inference_steps=8,
+              solver="ddim", output_type="latent", seed=1)
+    seq = np.asarray(pipe(**kw))
+    keep = np.asarray(mask[:, ::2, ::2] < 0.5)
+    known = np.asarray(pipe.encode_images(image))
+    np.testing.assert_allclose(seq[keep], known[keep], atol=1e-6)   # the kept region is the image
+    assert np.abs(seq[~keep] - known[~keep]).mean() > 0.05            # the rest is repainted
+    par = np.asarray(pipe(**kw, sampler=Picard(parallel=4, tolerance=1e-5)))
+    np.testing.assert_allclose(par, seq, atol=1e-4)
+    dpm = pipe(**{**kw, "solver": "dpm++"}, sampler=Picard(parallel=4, tolerance=1e-5))
+    np.testing.assert_allclose(np.asarray(dpm), np.asarray(pipe(**{**kw, "solver": "dpm++"})),
+                               atol=1e-4)
+
+
+def test_inpaint_bad_inputs_named(pipes, inpaint_pipes):
+    _, pipe = pipes
+    kw = dict(prompt="the cat", num_inference_steps=4, solver="ddim", output_type="latent")
+    with pytest.raises(ValueError, match="mask_image needs image="):
+        pipe(**kw, mask_image=_mask(0, 1))
+    with pytest.raises(ValueError, match="mask_image is 24x24 pixels"):
+        pipe(**kw, image=_images(0, 1), mask_image=_mask(0, 1, size=24))
+    with pytest.raises(ValueError, match=r"mask_image values must lie in \[0, 1\]"):
+        pipe(**kw, image=_images(0, 1), mask_image=_mask(0, 1) * 3)
+    with pytest.raises(ValueError, match="inpainting UNet"):
+        inpaint_pipes[1](**kw)

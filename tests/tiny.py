@@ -171,8 +171,9 @@ def write_tiny_tokenizer(folder, max_length=16):
     return len(vocab)
 
 
-def write_tiny_pipeline(folder, seed=0):
-    """A complete diffusers StableDiffusionPipeline folder with tiny random components."""
+def write_tiny_pipeline(folder, seed=0, in_channels=4):
+    """A complete diffusers StableDiffusionPipeline folder with tiny random components
+    (``in_channels=9``: an inpainting UNet, latents + mask + masked-image latents)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -183,7 +184,8 @@ def write_tiny_pipeline(folder, seed=0):
     vocab = write_tiny_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**{**UNET_CONFIGS["sd1"], "sample_size": 16}).eval()
+    unet = UNet2DConditionModel(**{**UNET_CONFIGS["sd1"], "sample_size": 16,
+                                   "in_channels": in_channels}).eval()
     vae = AutoencoderKL(**{**VAE_CONFIG, "sample_size": 32}).eval()
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
