@@ -22,8 +22,8 @@ from flax import nnx
 
 from jaxdiff.models.layers import abstract_params
 from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel,
-                            CLIPTextModelWithProjection, UNet2DConditionModel, UNetConfig,
-                            VAEConfig)
+                            CLIPTextModelWithProjection, ControlNetConfig, ControlNetModel,
+                            UNet2DConditionModel, UNetConfig, VAEConfig)
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -77,6 +77,8 @@ FAMILIES = {
     "UNet2DConditionModel": Family("UNet2DConditionModel", UNet2DConditionModel, UNetConfig,
                                    _normalise_unet),
     "AutoencoderKL": Family("AutoencoderKL", AutoencoderKL, VAEConfig, _normalise_vae),
+    "ControlNetModel": Family("ControlNetModel", ControlNetModel, ControlNetConfig,
+                              _normalise_unet),
     "CLIPTextModel": Family("CLIPTextModel", CLIPTextModel, CLIPTextConfig, _normalise_clip),
     "CLIPTextModelWithProjection": Family("CLIPTextModelWithProjection",
                                           CLIPTextModelWithProjection, CLIPTextConfig,

@@ -120,6 +120,11 @@ def load_vae(folder, dtype=jnp.float32, *, variant=None):
     return load_component(folder, dtype, variant=variant, class_name="AutoencoderKL")
 
 
+def load_controlnet(folder, dtype=jnp.float32, *, variant=None):
+    """A diffusers ``ControlNetModel`` folder -> ``jaxdiff.models.ControlNetModel``."""
+    return load_component(folder, dtype, variant=variant, class_name="ControlNetModel")
+
+
 def load_text_encoder(folder, dtype=jnp.float32, *, variant=None):
     return load_component(folder, dtype, variant=variant)
 

@@ -22,6 +22,44 @@ def _static(**kw):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class ControlNets:
+    """One or more ControlNets (their residuals are summed), as model-function leaves."""
+
+    graphdefs: tuple = _static(default=())
+    states: tuple = ()
+    scales: jax.Array = None                 # [k] controlnet_conditioning_scale, traced
+    guess_mode: bool = _static(default=False)
+
+    def residuals(self, x, t, context, images, halves: int, added=None):
+        """Summed (down residuals, mid residual) for the network batch x [m * B, ...]
+        (uncond half first); ``images`` one [B, H, W, c] conditioning image per net. In
+        guess mode with guidance only the conditional half is controlled (zeros for the
+        unconditional one), as diffusers."""
+        total = None
+        b = x.shape[0] // halves
+        cond_half = self.guess_mode and halves == 2
+        part = lambda a: None if a is None else jax.tree.map(lambda v: v[b:], a)  # noqa: E731
+        for j, (g, st, img) in enumerate(zip(self.graphdefs, self.states, images)):
+            net = nnx.merge(g, st)
+            lat = x[..., :net.config.in_channels]
+            if cond_half:
+                down, mid = net(lat[b:], t[b:], context[b:], img,
+                                conditioning_scale=self.scales[j], guess_mode=True,
+                                added_cond=part(added) if net.add_embedding is not None
+                                else None)
+                pad = lambda r: jnp.concatenate([jnp.zeros_like(r), r], 0)  # noqa: E731
+                down, mid = tuple(pad(d) for d in down), pad(mid)
+            else:
+                down, mid = net(lat, t, context, _tile(img, halves),
+                                conditioning_scale=self.scales[j], guess_mode=self.guess_mode,
+                                added_cond=added if net.add_embedding is not None else None)
+            total = (down, mid) if total is None else (
+                tuple(a + d for a, d in zip(total[0], down)), total[1] + mid)
+        return total
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelFn:
     """UNet + conditioning, with classifier-free guidance when ``uncond`` is given.
 
@@ -42,10 +80,12 @@ class ModelFn:
     uncond_added_cond: Optional[dict] = None
     extra_channels: Optional[jax.Array] = None   # [B, h, w, c] appended to the latent input
     #                                              (an inpainting UNet's mask + masked image)
+    control: Optional[ControlNets] = None         # ControlNet residuals for the UNet
+    control_images: Optional[tuple] = None        # one [B, H, W, c] image per ControlNet
 
     # the per-sample conditioning: what a mesh's "prompts" axis splits
     BATCH_FIELDS = ("cond", "uncond", "class_labels", "uncond_class_labels", "added_cond",
-                    "uncond_added_cond", "extra_channels")
+                    "uncond_added_cond", "extra_channels", "control_images")
 
     @property
     def unet(self):
@@ -101,8 +141,18 @@ class ModelFn:
     def encode(self, x, t):
         """The UNet encoder at x [B, ...], t [B] (both guidance halves in one batch) ->
         ``Encoded`` features of the network batch, for ``decode_many``."""
-        xb, tb, ctx, labels, added = self._network_batch(x, t)
-        return self.unet.encode(xb, tb, ctx, class_labels=labels, added_cond=added)
+        return self._encoded(*self._network_batch(x, t))
+
+    def _encoded(self, xb, tb, ctx, labels, added):
+        """The UNet encoder's features, with the ControlNets' residuals added (computed
+        where the encoder runs, so encoder propagation reuses them with the features)."""
+        enc = self.unet.encode(xb, tb, ctx, class_labels=labels, added_cond=added)
+        if self.control is None:
+            return enc
+        down, mid = self.control.residuals(xb, tb, ctx, self.control_images, self.halves,
+                                           added)
+        return enc._replace(skips=tuple(s + r.astype(s.dtype) for s, r in zip(enc.skips, down)),
+                            mid=enc.mid + mid.astype(enc.mid.dtype))
 
     def decode_many(self, features, ts, dtype=jnp.float32):
         """Decode ``features`` (from ``encode``) at each of the times ts [g] in one batched
@@ -120,7 +170,11 @@ class ModelFn:
 
     def __call__(self, x, t):  # x [N, H, W, C], t [N] -> [N, H, W, C]
         xb, tb, ctx, labels, added = self._network_batch(x, t)
-        out = self.unet(xb, tb, ctx, class_labels=labels, added_cond=added)
+        if self.control is None:
+            out = self.unet(xb, tb, ctx, class_labels=labels, added_cond=added)
+        else:
+            enc = self._encoded(xb, tb, ctx, labels, added)
+            out = self.unet.decode(enc.skips, enc.mid, enc.emb, ctx)
         return self._guided(out, x.dtype)
 
 
@@ -149,14 +203,24 @@ def guide(uncond_out, cond_out, guidance_scale, guidance_rescale=None):
 
 def classifier_free(unet: nnx.Module, cond, uncond=None, guidance_scale=7.5, *,
                     guidance_rescale=0.0, class_labels=None, uncond_class_labels=None,
-                    added_cond=None, uncond_added_cond=None, extra_channels=None) -> ModelFn:
+                    added_cond=None, uncond_added_cond=None, extra_channels=None,
+                    controlnets=None, guess_mode: bool = False) -> ModelFn:
     """A model function for ``unet`` conditioned on ``cond`` ([B, S, D] encoder states).
 
     With ``uncond`` (same shape), classifier-free guidance at ``guidance_scale``; without,
-    the plain conditional prediction.
+    the plain conditional prediction. ``controlnets``: (ControlNetModel, conditioning image
+    [B, H, W, c] in [0, 1], conditioning scale) triples whose residuals are summed into the
+    UNet's skip and mid features (``guess_mode``: diffusers' guess mode).
     """
     graphdef, state = nnx.split(unet)
     cond = jnp.asarray(cond)
+    control = images = None
+    if controlnets:
+        nets = [nnx.split(c[0]) for c in controlnets]
+        control = ControlNets(tuple(g for g, _ in nets), tuple(st for _, st in nets),
+                              jnp.asarray([float(c[2]) for c in controlnets], jnp.float32),
+                              bool(guess_mode))
+        images = tuple(jnp.asarray(c[1]) for c in controlnets)
     if uncond is not None:
         uncond = jnp.asarray(uncond)
         if uncond.shape != cond.shape:
@@ -171,4 +235,5 @@ def classifier_free(unet: nnx.Module, cond, uncond=None, guidance_scale=7.5, *,
                    None if class_labels is None else jnp.asarray(class_labels),
                    None if uncond_class_labels is None else jnp.asarray(uncond_class_labels),
                    added_cond, uncond_added_cond,
-                   None if extra_channels is None else jnp.asarray(extra_channels))
+                   None if extra_channels is None else jnp.asarray(extra_channels),
+                   control, images)

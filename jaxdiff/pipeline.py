@@ -37,7 +37,7 @@ class StableDiffusionPipeline:
     """The components of a Stable Diffusion model, as loaded by ``conversion.load_pipeline``."""
 
     COMPONENTS: ClassVar[tuple] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler",
-                                   "text_encoder_2", "tokenizer_2")
+                                   "text_encoder_2", "tokenizer_2", "controlnet")
     DEFAULT_STRENGTH: ClassVar[float] = 0.8   # image-to-image (diffusers' default)
     unet: Any
     vae: Any
@@ -46,6 +46,7 @@ class StableDiffusionPipeline:
     scheduler: Optional[dict] = None   # the diffusers scheduler config dict
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    controlnet: Any = None             # a ControlNetModel, or a list of them (summed)
     vae_slicing: bool = False          # decode one image at a time (lax.map): peak memory / N
     vae_tiling: bool = False           # decode overlapping latent tiles and blend the seams
     vae_tile_latent: int = 64          # tile size in latent pixels (diffusers: 512 px / 8)
@@ -157,7 +158,8 @@ class StableDiffusionPipeline:
                  output_type: str = "np", progress: bool = False, sampler="sequential",
                  ratios=None, schedule=None, sampler_options: Optional[dict] = None,
                  image=None, strength: Optional[float] = None, mask_image=None,
-                 denoising_start: Optional[float] = None,
+                 control_image=None, controlnet_conditioning_scale=1.0,
+                 guess_mode: bool = False, controlnet=None, denoising_start: Optional[float] = None,
                  denoising_end: Optional[float] = None, **conditioning):
         """Generate images -> (images or latents, the sampler's stats).
         ``seed``: an int (image j uses seed + j) or one int per image.
@@ -179,7 +181,10 @@ class StableDiffusionPipeline:
         Inpainting: ``mask_image`` (PIL, or [N, H, W(, 1)] in [0, 1]; >= 0.5 = repaint) with
         ``image``. A UNet with mask inputs (9 channels) gets the mask and the masked image's
         latents beside its latent input; any other UNet inpaints by latent blending
-        (``jaxdiff.solvers.masked``). At strength 1 the start is pure noise, as diffusers."""
+        (``jaxdiff.solvers.masked``). At strength 1 the start is pure noise, as diffusers.
+        ControlNet: ``control_image`` (PIL or [N, H, W, 3] in [0, 1] at height x width; a
+        list with several ControlNets) for the pipeline's ``controlnet`` (or ``controlnet=``
+        here), ``controlnet_conditioning_scale`` (one per net) and ``guess_mode``."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         sampler = as_sampler(sampler, **dict(sampler_options or {}))
@@ -252,9 +257,13 @@ class StableDiffusionPipeline:
             keys = [jax.random.fold_in(jax.random.key(int(s)), 1) for s in seeds]
             noise = jnp.stack([jax.random.normal(k, (solver.num_steps,) + latents.shape[1:])
                                for k in keys], axis=1)
+        nets = self._controlnets(controlnet, control_image, controlnet_conditioning_scale,
+                                 n, num_images_per_prompt, height, width)
+        guess_mode = bool(guess_mode) or any(c[0].config.global_pool_conditions
+                                             for c in nets or ())
         model_fn = classifier_free(self.unet, guidance_scale=guidance_scale if do_cfg else 1.0,
                                    guidance_rescale=guidance_rescale, extra_channels=extra,
-                                   **cond_kw)
+                                   controlnets=nets, guess_mode=guess_mode, **cond_kw)
         with self._precision():
             x0, stats = run(sampler, model_fn, solver, x_T, noise=noise, progress=progress)
         if output_type == "latent":
@@ -327,6 +336,49 @@ class StableDiffusionPipeline:
                 and arr.shape[-1] != 3:
             return arr.astype(np.float32)
         return as_array(image, "image", (3,))
+
+    def _controlnets(self, controlnet, control_image, scales, n, per_prompt, height, width):
+        """-> [(ControlNetModel, conditioning images [n, H, W, c], scale)] or None."""
+        nets = self.controlnet if controlnet is None else controlnet
+        if nets is None:
+            if control_image is not None:
+                raise ValueError("control_image given, but this pipeline has no controlnet "
+                                 "(load one with conversion.load_controlnet and pass "
+                                 "controlnet=)")
+            return None
+        nets = list(nets) if isinstance(nets, (list, tuple)) else [nets]
+        if control_image is None:
+            raise ValueError(f"this pipeline has {len(nets)} ControlNet(s): pass control_image=")
+        images = (list(control_image) if len(nets) > 1 and isinstance(control_image, (list, tuple))
+                  else [control_image])
+        scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(nets)
+        if len(images) != len(nets) or len(scales) != len(nets):
+            raise ValueError(f"{len(nets)} ControlNets need as many control images and "
+                             f"scales, got {len(images)} and {len(scales)}")
+        out = []
+        for j, (net, img, sc) in enumerate(zip(nets, images, scales)):
+            self.check_controlnet(net)
+            arr = as_array(img, "control_image", (net.config.conditioning_channels,))
+            if arr.shape[1:3] != (height, width):
+                raise ValueError(f"control_image {j} is {arr.shape[1]}x{arr.shape[2]} pixels, "
+                                 f"but height x width is {height}x{width}")
+            out.append((net, self._broadcast(jnp.asarray(arr), n, per_prompt, "control_image"),
+                        float(sc)))
+        return out
+
+    def check_controlnet(self, net) -> None:
+        """Raise if a ControlNet's residuals cannot fit this pipeline's UNet."""
+        c, u = net.config, self.unet.config
+        fields = ("block_out_channels", "down_block_types", "layers_per_block",
+                  "cross_attention_dim", "addition_embed_type")
+        bad = [f for f in fields if getattr(c, f) != getattr(u, f)]
+        if c.in_channels != self.latent_channels:
+            bad.append("in_channels")
+        if bad:
+            raise ValueError("this ControlNet does not fit the UNet: " + ", ".join(
+                f"{f}={getattr(c, f)!r} vs the UNet's "
+                f"{(self.latent_channels if f == 'in_channels' else getattr(u, f))!r}"
+                for f in bad))
 
     def _mask_input(self, mask_image, height: int, width: int) -> jax.Array:
         """-> [N, H, W, 1] in {0, 1} (diffusers' mask processor binarises at 0.5)."""

@@ -311,3 +311,19 @@ def latents_and_images_error(ref, pipe, want, got):
     got_img = np.asarray(pipe.decode_latents(got))
     inside = float(np.mean((want_img > 0) & (want_img < 1)))
     return (rel_l2(got, nhwc(want.numpy())), float(np.abs(got_img - want_img).max()), inside)
+
+
+def torch_controlnet(unet_config, seed=0, **kw):
+    """A diffusers ControlNetModel fitting a tiny UNet config, every weight perturbed (its
+    zero convolutions would otherwise give zero residuals)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    cfg = {k: v for k, v in unet_config.items()
+           if k not in ("up_block_types", "out_channels", "sample_size")}
+    torch.manual_seed(seed)
+    m = ControlNetModel(**{**cfg, "conditioning_embedding_out_channels": (8, 16), **kw}).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m

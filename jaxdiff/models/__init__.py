@@ -3,11 +3,12 @@
 from jaxdiff.models.attention import set_attention
 from jaxdiff.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                  CLIPTextOutput)
+from jaxdiff.models.controlnet import ControlNetConfig, ControlNetModel
 from jaxdiff.models.unet import Encoded, UNet2DConditionModel, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, LatentDistribution, VAEConfig
 
 __all__ = [
-    "AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection",
+    "AutoencoderKL", "CLIPTextConfig", "ControlNetConfig", "ControlNetModel", "CLIPTextModel", "CLIPTextModelWithProjection",
     "CLIPTextOutput", "Encoded", "LatentDistribution", "UNet2DConditionModel", "UNetConfig",
     "VAEConfig", "set_attention",
 ]

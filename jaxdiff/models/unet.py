@@ -328,9 +328,13 @@ class Encoded(NamedTuple):
     emb: jax.Array    # [B, T] time (+ class / added) embedding
 
 
-class UNet2DConditionModel(nnx.Module):
-    def __init__(self, config: UNetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        cfg = self.config = config
+class UNetEncoderBase(nnx.Module):
+    """The UNet's input half, shared with ControlNet: conv_in, the time (+ class, SDXL added)
+    embedding, the down blocks and the mid block."""
+
+    def _build_encoder(self, cfg: UNetConfig, dtype, rngs) -> int:
+        """Create the input half's modules (attribute names as diffusers') -> the time
+        embedding width the blocks take."""
         n = len(cfg.down_block_types)
         boc = cfg.block_out_channels
         heads = per_block(cfg.attention_head_dim, n, "attention_head_dim")
@@ -399,30 +403,7 @@ class UNet2DConditionModel(nnx.Module):
                           only_cross_attention=mid_only, layers=tl),
                 dtype=dtype, rngs=rngs)
         self.mid_block = mid_block
-
-        up = []
-        rboc = boc[::-1]
-        r_heads, r_cross, r_only, r_layers, r_tl = (tuple(reversed(v)) for v in (
-            heads, cross, only_cross, layers, tlayers))
-        out_ch = rboc[0]
-        for i, kind in enumerate(cfg.up_block_types):
-            prev, out_ch = out_ch, rboc[i]
-            in_ch = rboc[min(i + 1, n - 1)]
-            nl = r_layers[i] + 1
-            tl = r_tl[i]
-            tl = tuple(tl) if isinstance(tl, (list, tuple)) else (tl,) * nl
-            attn = (dict(heads=r_heads[i], cross_attention_dim=r_cross[i],
-                         only_cross_attention=r_only[i], layers=tl)
-                    if kind == "CrossAttnUpBlock2D" else None)
-            up.append(UpBlock2D(in_ch, prev, out_ch, blocks_t_dim, num_layers=nl,
-                                add_upsample=i < n - 1, cfg=cfg, attn=attn, dtype=dtype,
-                                rngs=rngs))
-        self.up_blocks = nnx.List(up)
-
-        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, boc[0], eps=cfg.norm_eps, dtype=dtype)
-        self.conv_act = activation(cfg.act_fn)
-        self.conv_out = Conv2d(boc[0], cfg.out_channels, cfg.conv_out_kernel,
-                               padding=(cfg.conv_out_kernel - 1) // 2, dtype=dtype, rngs=rngs)
+        return blocks_t_dim
 
     @property
     def dtype(self):
@@ -471,6 +452,53 @@ class UNet2DConditionModel(nnx.Module):
             raise ValueError(f"encoder_hidden_states must be [B={sample.shape[0]}, S, "
                              f"{cross[0]}], got shape {tuple(context.shape)}")
 
+    def _features(self, x, emb, context):
+        """conv_in's output x (plus any conditioning) -> (skips, mid) of the down/mid blocks."""
+        skips = [x]
+        for block in self.down_blocks:
+            x, outs = block(x, emb, context)
+            skips.extend(outs)
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, context)
+        return tuple(skips), x
+
+
+class UNet2DConditionModel(UNetEncoderBase):
+    def __init__(self, config: UNetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        cfg = self.config = config
+        n = len(cfg.down_block_types)
+        boc = cfg.block_out_channels
+        heads = per_block(cfg.attention_head_dim, n, "attention_head_dim")
+        cross = per_block(cfg.cross_attention_dim, n, "cross_attention_dim")
+        only_cross = per_block(cfg.only_cross_attention, n, "only_cross_attention")
+        layers = per_block(cfg.layers_per_block, n, "layers_per_block")
+        tlayers = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
+        blocks_t_dim = self._build_encoder(cfg, dtype, rngs)
+
+        up = []
+        rboc = boc[::-1]
+        r_heads, r_cross, r_only, r_layers, r_tl = (tuple(reversed(v)) for v in (
+            heads, cross, only_cross, layers, tlayers))
+        out_ch = rboc[0]
+        for i, kind in enumerate(cfg.up_block_types):
+            prev, out_ch = out_ch, rboc[i]
+            in_ch = rboc[min(i + 1, n - 1)]
+            nl = r_layers[i] + 1
+            tl = r_tl[i]
+            tl = tuple(tl) if isinstance(tl, (list, tuple)) else (tl,) * nl
+            attn = (dict(heads=r_heads[i], cross_attention_dim=r_cross[i],
+                         only_cross_attention=r_only[i], layers=tl)
+                    if kind == "CrossAttnUpBlock2D" else None)
+            up.append(UpBlock2D(in_ch, prev, out_ch, blocks_t_dim, num_layers=nl,
+                                add_upsample=i < n - 1, cfg=cfg, attn=attn, dtype=dtype,
+                                rngs=rngs))
+        self.up_blocks = nnx.List(up)
+
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, boc[0], eps=cfg.norm_eps, dtype=dtype)
+        self.conv_act = activation(cfg.act_fn)
+        self.conv_out = Conv2d(boc[0], cfg.out_channels, cfg.conv_out_kernel,
+                               padding=(cfg.conv_out_kernel - 1) // 2, dtype=dtype, rngs=rngs)
+
     def encode(self, sample, timesteps, encoder_hidden_states, *, class_labels=None,
                added_cond=None) -> Encoded:
         self._check_inputs(sample, encoder_hidden_states)
@@ -478,14 +506,8 @@ class UNet2DConditionModel(nnx.Module):
         x = sample.astype(self.dtype)
         if self.config.center_input_sample:
             x = 2 * x - 1.0
-        x = self.conv_in(x)
-        skips = [x]
-        for block in self.down_blocks:
-            x, outs = block(x, emb, encoder_hidden_states)
-            skips.extend(outs)
-        if self.mid_block is not None:
-            x = self.mid_block(x, emb, encoder_hidden_states)
-        return Encoded(tuple(skips), x, emb)
+        skips, mid = self._features(self.conv_in(x), emb, encoder_hidden_states)
+        return Encoded(skips, mid, emb)
 
     def decode(self, skips, mid, emb, encoder_hidden_states):
         x = mid
