@@ -84,3 +84,16 @@ def test_clip_matches_transformers(act, projection, rng):
             assert rel_l2(out.text_embeds, ref.text_embeds.numpy()) <= TOL
         else:
             assert rel_l2(out.pooler_output, ref.pooler_output.numpy()) <= TOL
+
+
+def test_unet_takes_diffusers_added_cond_kwargs_spelling(rng):
+    cfg = UNET_CONFIGS["sdxl"]
+    m = conversion.convert(torch_unet(cfg))
+    x, t, ctx, kw = unet_inputs(cfg, rng)
+    added = {k: jnp.asarray(v) for k, v in kw["added_cond"].items()}
+    a = m(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx), added_cond=added)
+    b = m(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx), added_cond_kwargs=added)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="not both"):
+        m(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx), added_cond=added,
+          added_cond_kwargs=added)

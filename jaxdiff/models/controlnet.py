@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models.layers import Conv2d
-from jaxdiff.models.unet import UNetConfig, UNetEncoderBase
+from jaxdiff.models.unet import UNetConfig, UNetEncoderBase, _added
 
 _UP_OF = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 
@@ -79,12 +79,13 @@ class ControlNetModel(UNetEncoderBase):
 
     def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, *,
                  conditioning_scale=1.0, guess_mode: bool = False, class_labels=None,
-                 added_cond=None):
+                 added_cond=None, added_cond_kwargs=None):
         """sample [B, h, w, C] latents (as the UNet sees them), controlnet_cond [B, H, W, c]
         the conditioning image in [0, 1] -> (down residuals, one per UNet skip feature;
         mid residual), scaled by ``conditioning_scale`` (guess mode: 0.1 .. 1 from the
         first skip to the mid block, diffusers' logspace)."""
         cfg = self.config
+        added_cond = _added(added_cond, added_cond_kwargs)
         self._check_inputs(sample, encoder_hidden_states)
         cond = jnp.asarray(controlnet_cond)
         f = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)

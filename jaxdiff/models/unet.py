@@ -328,6 +328,12 @@ class Encoded(NamedTuple):
     emb: jax.Array    # [B, T] time (+ class / added) embedding
 
 
+def _added(added_cond, added_cond_kwargs):
+    if added_cond is not None and added_cond_kwargs is not None:
+        raise ValueError("pass added_cond or added_cond_kwargs (the same thing), not both")
+    return added_cond if added_cond_kwargs is None else added_cond_kwargs
+
+
 class UNetEncoderBase(nnx.Module):
     """The UNet's input half, shared with ControlNet: conv_in, the time (+ class, SDXL added)
     embedding, the down blocks and the mid block."""
@@ -500,7 +506,8 @@ class UNet2DConditionModel(UNetEncoderBase):
                                padding=(cfg.conv_out_kernel - 1) // 2, dtype=dtype, rngs=rngs)
 
     def encode(self, sample, timesteps, encoder_hidden_states, *, class_labels=None,
-               added_cond=None) -> Encoded:
+               added_cond=None, added_cond_kwargs=None) -> Encoded:
+        added_cond = _added(added_cond, added_cond_kwargs)
         self._check_inputs(sample, encoder_hidden_states)
         emb = self.time_embedding_of(timesteps, sample.shape[0], class_labels, added_cond)
         x = sample.astype(self.dtype)
@@ -521,8 +528,10 @@ class UNet2DConditionModel(UNetEncoderBase):
         return x
 
     def __call__(self, sample, timesteps, encoder_hidden_states, *, class_labels=None,
-                 added_cond=None):
-        """sample [B, H, W, C_in], timesteps [B] or scalar (float), context [B, S, D]."""
+                 added_cond=None, added_cond_kwargs=None):
+        """sample [B, H, W, C_in], timesteps [B] or scalar (float), context [B, S, D];
+        SDXL: ``added_cond`` (or diffusers' spelling ``added_cond_kwargs``) =
+        {'text_embeds': [B, D], 'time_ids': [B, 6]}."""
         enc = self.encode(sample, timesteps, encoder_hidden_states, class_labels=class_labels,
-                          added_cond=added_cond)
+                          added_cond=_added(added_cond, added_cond_kwargs))
         return self.decode(enc.skips, enc.mid, enc.emb, encoder_hidden_states)
