@@ -16,6 +16,7 @@ import compile_times  # noqa: E402
 import picard_methods  # noqa: E402
 import window_cost  # noqa: E402
 import time_grids  # noqa: E402
+import sdxl_controlnet  # noqa: E402
 
 
 def main():
@@ -31,6 +32,7 @@ def main():
     picard_methods.main([])
     window_cost.main([])
     time_grids.main([])
+    sdxl_controlnet.main([])
 
 
 if __name__ == "__main__":

@@ -464,13 +464,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
         "negative_aesthetic_score", "clip_skip")
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.text_encoder_2 is None:
-            raise ValueError("an SDXL pipeline needs text_encoder_2 (CLIPTextModelWithProjection); "
-                             "this one has none")
-        if (self.text_encoder is None) != (self.tokenizer is None) and self.tokenizer is not None:
-            raise ValueError("SDXL: tokenizer given without text_encoder")
 
     def _latent_scaling(self):
         cfg = self.vae.config
@@ -486,6 +479,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     def encode_prompt_xl(self, prompts, prompts_2=None, clip_skip=None, max_length=None):
         """[B] prompts (and the second encoder's) -> ([B, L, D1 + D2] penultimate hidden
         states concatenated, [B, P] pooled projection of text_encoder_2)."""
+        if self.text_encoder_2 is None:
+            raise ValueError("this SDXL pipeline has no text_encoder_2 (the pooled projection "
+                             "comes from it): pass prompt_embeds and pooled_prompt_embeds")
         prompts_2 = prompts if prompts_2 is None else prompts_2
         layer = -2 if clip_skip is None else -(int(clip_skip) + 2)
         states, pooled = [], None

@@ -184,8 +184,8 @@ def check_args(args) -> None:
         raise UsageError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.method != "timetuner":
         from jaxdiff.time_grids import GRIDS
-        if args.init not in GRIDS + ("auto",):
-            raise UsageError(f"unknown --init {args.init!r}; choose auto or one of "
+        if args.init not in GRIDS + ("auto", "gits"):
+            raise UsageError(f"unknown --init {args.init!r}; choose auto, gits or one of "
                              f"{', '.join(GRIDS)}")
         for name, lo in (("pairs", 2), ("valid", 1), ("epochs", 1), ("fine", 2),
                          ("teacher-steps", 2)):
@@ -266,7 +266,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("ld3 / gits")
     g.add_argument("--init", default="auto", help="LD3's starting grid: one of "
-                   "jaxdiff.time_grids.GRIDS, or auto (the one best on the held-out pairs)")
+                   "jaxdiff.time_grids.GRIDS, auto (the one best on the held-out pairs) or "
+                   "gits (GITS's grid with a free start, found first)")
     g.add_argument("--pairs", type=int, default=100, help="teacher pairs (LD3 training, "
                    "GITS trajectories)")
     g.add_argument("--valid", type=int, default=50, help="LD3 held-out pairs")

@@ -111,6 +111,12 @@ def grid_main(args) -> int:
         if init == "auto":
             init = best_zero_cost(model_fn_for, ns, family, args.steps, valid)
             print(f"LD3 starts from {init}, the zero-cost grid best on the held-out pairs")
+        elif init == "gits":
+            found = gits.learn(model_fn_for, ns, args.steps, train[0], train[2], fine=args.fine,
+                               teacher_steps=args.teacher_steps)
+            init = tuple(float(v) for v in found["t"])
+            meta["gits_t"] = list(init)
+            print("LD3 starts from GITS's free-start grid " + " ".join(f"{v:.4f}" for v in init))
         cfg = ld3.LD3Config(solver=family, init=init, lr=args.lr or 0.02,
                             epochs=args.epochs, batch=args.batch, seed=args.seed)
         try:
@@ -121,13 +127,12 @@ def grid_main(args) -> int:
         except ValueError as e:
             return fail(e)
         t, net, start, history = res.t, res.network_t, res.init_t, res.history
-        meta.update(init=init, valid=args.valid, epochs_run=res.epochs_run,
+        meta.update(init=args.init if args.init == "gits" else init, valid=args.valid, epochs_run=res.epochs_run,
                     valid_rmse=res.valid_rmse, init_valid_rmse=res.init_valid_rmse)
         print(f"LD3 {family} K={args.steps}: held-out RMSE to the teacher "
-              f"{res.init_valid_rmse:.4f} ({init}) -> {res.valid_rmse:.4f} in "
+              f"{res.init_valid_rmse:.4f} ({meta['init']}) -> {res.valid_rmse:.4f} in "
               f"{res.epochs_run} epochs")
     else:
-        from tuning.teacher import FAMILIES  # noqa: F401  (family checked by the parser)
         x_T, _, labels = train
         try:
             res = gits.learn(model_fn_for, ns, args.steps, x_T, labels, fine=args.fine,
