@@ -21,9 +21,10 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.models.layers import abstract_params
-from jaxdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel,
+from jaxdiff.models import (AutoencoderKL, AutoencoderTiny, CLIPTextConfig, CLIPTextModel,
                             CLIPTextModelWithProjection, ControlNetConfig, ControlNetModel,
-                            UNet2DConditionModel, UNetConfig, VAEConfig)
+                            TinyAutoencoderConfig, UNet2DConditionModel, UNetConfig,
+                            VAEConfig)
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -77,6 +78,8 @@ FAMILIES = {
     "UNet2DConditionModel": Family("UNet2DConditionModel", UNet2DConditionModel, UNetConfig,
                                    _normalise_unet),
     "AutoencoderKL": Family("AutoencoderKL", AutoencoderKL, VAEConfig, _normalise_vae),
+    "AutoencoderTiny": Family("AutoencoderTiny", AutoencoderTiny, TinyAutoencoderConfig,
+                              _normalise_unet),
     "ControlNetModel": Family("ControlNetModel", ControlNetModel, ControlNetConfig,
                               _normalise_unet),
     "CLIPTextModel": Family("CLIPTextModel", CLIPTextModel, CLIPTextConfig, _normalise_clip),

@@ -120,6 +120,12 @@ def load_vae(folder, dtype=jnp.float32, *, variant=None):
     return load_component(folder, dtype, variant=variant, class_name="AutoencoderKL")
 
 
+def load_tiny_vae(folder, dtype=jnp.float32, *, variant=None):
+    """A diffusers ``AutoencoderTiny`` (TAESD) folder -> ``jaxdiff.models.AutoencoderTiny``;
+    a pipeline takes it as its VAE (``pipe.vae = ...``)."""
+    return load_component(folder, dtype, variant=variant, class_name="AutoencoderTiny")
+
+
 def load_controlnet(folder, dtype=jnp.float32, *, variant=None):
     """A diffusers ``ControlNetModel`` folder -> ``jaxdiff.models.ControlNetModel``."""
     return load_component(folder, dtype, variant=variant, class_name="ControlNetModel")

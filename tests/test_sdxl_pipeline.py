@@ -166,3 +166,31 @@ def test_sdxl_img2img_and_inpaint_match_diffusers(xl, name, monkeypatch):
         print(f"SDXL {cls.__name__} {name} {kw_s}: latents rel L2 {lat_err:.1e}, max abs "
               f"image difference {err:.2e} ({inside:.0%} unsaturated)")
         assert lat_err <= 5e-4 and err <= 2e-3 and inside > 0.2
+
+
+def test_sdxl_every_picard_method_and_a_learned_schedule(xl, tmp_path):
+    """ParaSolver and ParaTAA agree with sequential SDXL sampling; a schedule file applies
+    to SDXL text-to-image and to image-to-image (a segment of the learned grid)."""
+    from jaxdiff import schedule_files, time_grids
+    from jaxdiff.schedules import NoiseScheduleVP
+
+    _, _, pipe, _, _ = xl
+    kw = dict(prompt=["the cat"], guidance_scale=5.0, num_inference_steps=6, solver="euler",
+              output_type="latent", seed=5)
+    seq = np.asarray(pipe(**kw))
+    for method in ("parasolver", "taa"):
+        par = np.asarray(pipe(**kw, sampler=Picard(parallel=3, tolerance=1e-6, method=method)))
+        np.testing.assert_allclose(par, seq, atol=2e-3, rtol=1e-4)
+    ac = solvers.alphas_cumprod(pipe.scheduler)
+    ns = NoiseScheduleVP("discrete", alphas_cumprod=ac)
+    t = time_grids.make_grid("karras", ns, 6)
+    path = schedule_files.save_schedule(tmp_path / "xl.json", solver="dpmsolver++", t=t,
+                                        alphas_cumprod=ac, options={"order": 2})
+    kw = {**kw, "solver": "dpm++"}
+    got = np.asarray(pipe(**kw, schedule=path))
+    want = np.asarray(pipe(**{**kw, "solver": pipe.make_solver("dpm++", 6).with_schedule(path)}))
+    np.testing.assert_array_equal(got, want)
+    assert not np.allclose(got, np.asarray(pipe(**kw)))
+    image = np.full((1, 32, 32, 3), 0.4, np.float32)
+    part = np.asarray(pipe(**kw, schedule=path, image=image, strength=0.5))
+    assert part.shape == seq.shape and np.all(np.isfinite(part))

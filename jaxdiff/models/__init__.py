@@ -4,11 +4,13 @@ from jaxdiff.models.attention import set_attention
 from jaxdiff.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                  CLIPTextOutput)
 from jaxdiff.models.controlnet import ControlNetConfig, ControlNetModel
+from jaxdiff.models.taesd import AutoencoderTiny, TinyAutoencoderConfig
 from jaxdiff.models.unet import Encoded, UNet2DConditionModel, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, LatentDistribution, VAEConfig
 
 __all__ = [
-    "AutoencoderKL", "CLIPTextConfig", "ControlNetConfig", "ControlNetModel", "CLIPTextModel", "CLIPTextModelWithProjection",
-    "CLIPTextOutput", "Encoded", "LatentDistribution", "UNet2DConditionModel", "UNetConfig",
-    "VAEConfig", "set_attention",
+    "AutoencoderKL", "AutoencoderTiny", "CLIPTextConfig", "CLIPTextModel",
+    "CLIPTextModelWithProjection", "CLIPTextOutput", "ControlNetConfig", "ControlNetModel",
+    "Encoded", "LatentDistribution", "TinyAutoencoderConfig", "UNet2DConditionModel",
+    "UNetConfig", "VAEConfig", "set_attention",
 ]
