@@ -351,3 +351,21 @@ def test_karras_and_sigma_to_t_roundtrip():
     t = schedules.sigma_to_t(sig, np.log(train))
     back = np.exp(np.interp(t, np.arange(len(train)), np.log(train)))
     np.testing.assert_allclose(back, sig, rtol=1e-5)
+
+
+def test_make_from_an_in_memory_config_drops_defaulted_fields_like_diffusers():
+    """A live scheduler's config lists the fields it left at their defaults
+    (_use_default_values); diffusers' from_config does not carry those to another class
+    (PNDM's default 'leading' spacing must not become Euler's), and neither does make."""
+    import diffusers
+
+    src = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", skip_prk_steps=True,
+                                  steps_offset=1)
+    cfg = {**dict(src.config), "_class_name": "PNDMScheduler"}
+    for name, cls in (("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler"),
+                      ("dpm++", "DPMSolverMultistepScheduler")):
+        ref = getattr(diffusers, cls).from_config(src.config)
+        ref.set_timesteps(6)
+        np.testing.assert_allclose(np.asarray(solvers.make(name, cfg, 6).timesteps),
+                                   ref.timesteps.numpy().astype(np.float32), atol=1e-3)

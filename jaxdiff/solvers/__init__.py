@@ -50,8 +50,12 @@ _KNOWN_KEYS = frozenset().union(*(m.DEFAULTS for m in _MODULES)) | _FOREIGN_KEYS
 def _resolve(config: Mapping[str, Any], module, options: Mapping[str, Any]):
     name = module.DIFFUSERS_CLASS
     cfg = dict(module.DEFAULTS)
+    # as diffusers' from_config: fields the source class only had at their defaults
+    # (listed in _use_default_values) do not carry over to another class
+    defaulted = (set(config.get("_use_default_values") or ())
+                 if config.get("_class_name") not in (None, name) else set())
     for key, value in config.items():
-        if key in METADATA_KEYS:
+        if key in METADATA_KEYS or key in defaulted:
             continue
         if key in module.DEFAULTS:
             cfg[key] = value
