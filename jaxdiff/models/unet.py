@@ -334,6 +334,15 @@ def _added(added_cond, added_cond_kwargs):
     return added_cond if added_cond_kwargs is None else added_cond_kwargs
 
 
+def _block_fields(cfg: UNetConfig) -> tuple:
+    """The per-block config fields, one entry per down block: (heads, cross-attention dim,
+    only_cross_attention, layers, transformer layers)."""
+    n = len(cfg.down_block_types)
+    return tuple(per_block(getattr(cfg, f), n, f) for f in (
+        "attention_head_dim", "cross_attention_dim", "only_cross_attention", "layers_per_block",
+        "transformer_layers_per_block"))
+
+
 class UNetEncoderBase(nnx.Module):
     """The UNet's input half, shared with ControlNet: conv_in, the time (+ class, SDXL added)
     embedding, the down blocks and the mid block."""
@@ -343,11 +352,7 @@ class UNetEncoderBase(nnx.Module):
         embedding width the blocks take."""
         n = len(cfg.down_block_types)
         boc = cfg.block_out_channels
-        heads = per_block(cfg.attention_head_dim, n, "attention_head_dim")
-        cross = per_block(cfg.cross_attention_dim, n, "cross_attention_dim")
-        only_cross = per_block(cfg.only_cross_attention, n, "only_cross_attention")
-        layers = per_block(cfg.layers_per_block, n, "layers_per_block")
-        tlayers = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
+        heads, cross, only_cross, layers, tlayers = _block_fields(cfg)
 
         t_in = boc[0]
         t_dim = cfg.time_embedding_dim or boc[0] * 4
@@ -474,11 +479,7 @@ class UNet2DConditionModel(UNetEncoderBase):
         cfg = self.config = config
         n = len(cfg.down_block_types)
         boc = cfg.block_out_channels
-        heads = per_block(cfg.attention_head_dim, n, "attention_head_dim")
-        cross = per_block(cfg.cross_attention_dim, n, "cross_attention_dim")
-        only_cross = per_block(cfg.only_cross_attention, n, "only_cross_attention")
-        layers = per_block(cfg.layers_per_block, n, "layers_per_block")
-        tlayers = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
+        heads, cross, only_cross, layers, tlayers = _block_fields(cfg)
         blocks_t_dim = self._build_encoder(cfg, dtype, rngs)
 
         up = []
