@@ -160,8 +160,9 @@ def _mask(seed, n=2, size=32):
     return m
 
 
-@pytest.mark.parametrize("channels", [4, 9])
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("channels,name", [(4, "DDIMScheduler"), (9, "DDIMScheduler"),
+                                           (4, "EulerDiscreteScheduler"),
+                                           (9, "DPMSolverMultistepScheduler")])
 def test_inpaint_matches_diffusers(pipes, inpaint_pipes, channels, name, monkeypatch):
     """StableDiffusionInpaintPipeline, for a plain UNet (latent blending) and a 9-channel
     inpainting UNet (mask + masked-image latents), at full strength and at 0.7."""
@@ -192,16 +193,16 @@ def test_inpaint_matches_diffusers(pipes, inpaint_pipes, channels, name, monkeyp
 def test_inpaint_keeps_the_image_and_runs_under_picard(pipes):
     _, pipe = pipes
     image, mask = _images(4, n=1), _mask(5, n=1)
-    kw = dict(prompt=["the cat"], image=image, mask_image=mask, num_inference_steps=8,
+    kw = dict(prompt=["the cat"], image=image, mask_image=mask, num_inference_steps=6,
               solver="ddim", output_type="latent", seed=1)
     seq = np.asarray(pipe(**kw))
     keep = np.asarray(mask[:, ::2, ::2] < 0.5)
     known = np.asarray(pipe.encode_images(image))
     np.testing.assert_allclose(seq[keep], known[keep], atol=1e-6)   # the kept region is the image
     assert np.abs(seq[~keep] - known[~keep]).mean() > 0.05            # the rest is repainted
-    par = np.asarray(pipe(**kw, sampler=Picard(parallel=4, tolerance=1e-5)))
+    par = np.asarray(pipe(**kw, sampler=Picard(parallel=3, tolerance=1e-5)))
     np.testing.assert_allclose(par, seq, atol=1e-4)
-    dpm = pipe(**{**kw, "solver": "dpm++"}, sampler=Picard(parallel=4, tolerance=1e-5))
+    dpm = pipe(**{**kw, "solver": "dpm++"}, sampler=Picard(parallel=3, tolerance=1e-5))
     np.testing.assert_allclose(np.asarray(dpm), np.asarray(pipe(**{**kw, "solver": "dpm++"})),
                                atol=1e-4)
 
