@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-fast bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the versions CI ran (pyproject.toml keeps lower bounds)
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -160,7 +160,8 @@ class StableDiffusionPipeline:
                  image=None, strength: Optional[float] = None, mask_image=None,
                  control_image=None, controlnet_conditioning_scale=1.0,
                  guess_mode: bool = False, controlnet=None, denoising_start: Optional[float] = None,
-                 denoising_end: Optional[float] = None, **conditioning):
+                 denoising_end: Optional[float] = None, callback=None,
+                 callback_steps: int = 1, **conditioning):
         """Generate images -> (images or latents, the sampler's stats).
         ``seed``: an int (image j uses seed + j) or one int per image.
         ``latents``: standard-normal x_T [N, h, w, C] (NHWC) instead of seeds (with
@@ -184,7 +185,11 @@ class StableDiffusionPipeline:
         (``jaxdiff.solvers.masked``). At strength 1 the start is pure noise, as diffusers.
         ControlNet: ``control_image`` (PIL or [N, H, W, 3] in [0, 1] at height x width; a
         list with several ControlNets) for the pipeline's ``controlnet`` (or ``controlnet=``
-        here), ``controlnet_conditioning_scale`` (one per net) and ``guess_mode``."""
+        here), ``controlnet_conditioning_scale`` (one per net) and ``guess_mode``.
+        ``callback(step, timestep, latents)``: a host function called from the jitted loop
+        after every ``callback_steps``-th step and the last (numpy latents, e.g. for
+        previews: ``pipe.decode_latents`` them afterwards); a new callback reuses the
+        compiled program (``jaxdiff.sampling.progress.listening``)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         sampler = as_sampler(sampler, **dict(sampler_options or {}))
@@ -265,7 +270,8 @@ class StableDiffusionPipeline:
                                    guidance_rescale=guidance_rescale, extra_channels=extra,
                                    controlnets=nets, guess_mode=guess_mode, **cond_kw)
         with self._precision():
-            x0, stats = run(sampler, model_fn, solver, x_T, noise=noise, progress=progress)
+            x0, stats = run(sampler, model_fn, solver, x_T, noise=noise, progress=progress,
+                            callback=callback, callback_steps=callback_steps)
         if output_type == "latent":
             return x0, stats
         images = self.decode_latents(x0)

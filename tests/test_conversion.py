@@ -177,16 +177,43 @@ def test_clip_prefix_normalised():
     _assert_same_params(a, conversion.convert(tm))
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "orbax"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_orbax_round_trip_bit_exact(unet_pair, tmp_path, dtype):
+def test_checkpoint_round_trip_bit_exact(unet_pair, tmp_path, dtype, fmt):
     tm, _ = unet_pair
     jm = conversion.convert(tm, dtype=dtype)
-    conversion.save_model(jm, tmp_path / "ckpt")
+    conversion.save_model(jm, tmp_path / "ckpt", format=fmt)
     back = conversion.load_model(tmp_path / "ckpt")
     assert back.config == jm.config
     _assert_same_params(back, jm)
     with pytest.raises(FileExistsError):
         conversion.save_model(jm, tmp_path / "ckpt")
+
+
+def test_checkpoint_that_does_not_fit_is_named(unet_pair, tmp_path):
+    import json
+
+    from conversion.safetensors_io import read_safetensors, write_safetensors
+
+    tm, _ = unet_pair
+    jm = conversion.convert(tm)
+    path = conversion.save_model(jm, tmp_path / "ckpt")
+    arrays = {k: np.array(v) for k, v in read_safetensors(path / "state.safetensors").items()}
+    key = sorted(arrays)[0]
+    arrays["extra/kernel"] = np.zeros(3, np.float32)
+    arrays[key] = np.zeros((1,) + arrays[key].shape, arrays[key].dtype)
+    dropped = sorted(arrays)[-1]
+    del arrays[dropped]
+    write_safetensors(arrays, path / "state.safetensors")
+    with pytest.raises(ValueError, match=r"missing \[" + f"'{dropped}'") as err:
+        conversion.load_model(path)
+    assert "extra/kernel" in str(err.value) and key in str(err.value)
+    meta = json.loads((path / "jaxdiff.json").read_text())
+    (path / "jaxdiff.json").write_text(json.dumps({**meta, "format": "pickle"}))
+    with pytest.raises(ValueError, match="unknown checkpoint format 'pickle'"):
+        conversion.load_model(path)
+    with pytest.raises(ValueError, match="format must be one of"):
+        conversion.save_model(jm, tmp_path / "other", format="npz")
 
 
 def test_cli_convert_component_and_fast_reload(unet_pair, tmp_path):

@@ -114,9 +114,9 @@ def _groups(key_steps, n: int, chunk):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "batches", "chunked", "mode", "inject",
-                                             "progress"))
-def _run(dynamic, x_T, rand, starts, sizes, branch_ids, alpha, threshold, *, spec, batches,
-         chunked, mode, inject, progress):
+                                             "progress", "every"))
+def _run(dynamic, x_T, rand, starts, sizes, branch_ids, alpha, threshold, token, *, spec,
+         batches, chunked, mode, inject, progress, every):
     model_fn, solver = combine(dynamic, spec)
     n = solver.num_steps
     dtype = x_T.dtype
@@ -173,6 +173,7 @@ def _run(dynamic, x_T, rand, starts, sizes, branch_ids, alpha, threshold, *, spe
             else:
                 x, state = jax.lax.switch(b, table, features, x, state, start)
         prog.report(progress, start + size, n)
+        prog.notify(every, token, start, start + size, n, timesteps, x)
         return (x, state), None
 
     (x, _), _ = jax.lax.scan(group, (x, solver.init(x)), (starts, sizes, branch_ids))
@@ -182,7 +183,8 @@ def _run(dynamic, x_T, rand, starts, sizes, branch_ids, alpha, threshold, *, spe
 def encoder_propagation(model_fn, solver, x_T, *, key_steps, noise_injection: float = 0.003,
                         injection_threshold: float = 500, key: Optional[jax.Array] = None,
                         noise: Optional[jax.Array] = None, decode_chunk: Optional[int] = None,
-                        progress=False, cond=None, uncond=None, guidance_scale=None):
+                        progress=False, cond=None, uncond=None, guidance_scale=None,
+                        callback=None, callback_steps: int = 1):
     """Sample with FasterDiffusion encoder propagation -> (x_0, PropagationStats).
 
     ``model_fn``: a ``jaxdiff.guidance`` model function (``classifier_free(unet, ...)``; its
@@ -194,7 +196,9 @@ def encoder_propagation(model_fn, solver, x_T, *, key_steps, noise_injection: fl
     the prior noise injection (0 turns it off), applied before steps whose model time is
     below ``injection_threshold``. ``key`` / ``noise``: randomness for stochastic solvers,
     the same rule as every driver (``jaxdiff.sampling.prelude``). ``progress``: as for
-    ``jaxdiff.sample`` (reported after every group).
+    ``jaxdiff.sample`` (reported after every group). ``callback(step, timestep, latents)``:
+    as for ``jaxdiff.sample``, after each group of steps that contains a multiple of
+    ``callback_steps`` (with the group's last step) and after the last step.
     ``decode_chunk``: None decodes each group in one batched call (the paper's layout; the
     program holds one decoder per distinct group size); an int k decodes k of the group's
     steps per call and the remainder one step per call (at most two decoders in the program:
@@ -223,10 +227,11 @@ def encoder_propagation(model_fn, solver, x_T, *, key_steps, noise_injection: fl
     groups, batches = _groups(ks, n, chunk)
     cols = [jnp.asarray([g[c] for g in groups], jnp.int32) for c in range(3)]
     dynamic, spec = partition((model_fn, solver))
-    x0 = _run(dynamic, x_T, rand.value, *cols, jnp.float32(alpha),
-              jnp.float32(injection_threshold), spec=spec, batches=batches,
-              chunked=chunk is not None, mode=rand.mode,
-              inject=alpha > 0, progress=prog.resolve(progress, "encoder propagation"))
+    with prog.listening(callback, callback_steps, "encoder_propagation", x_T) as (every, token):
+        x0 = _run(dynamic, x_T, rand.value, *cols, jnp.float32(alpha),
+                  jnp.float32(injection_threshold), token, spec=spec, batches=batches,
+                  chunked=chunk is not None, mode=rand.mode, inject=alpha > 0,
+                  progress=prog.resolve(progress, "encoder propagation"), every=every)
     stats = PropagationStats(encoder_calls=len(ks), decoder_evaluations=n, num_steps=n,
                              key_steps=ks, groups=tuple(g for _, g, _ in groups))
     return x0, stats

@@ -95,9 +95,10 @@ def _check_solver(solver):
 @functools.partial(jax.jit, static_argnames=("spec", "window", "parallel", "mode", "mesh",
                                              "progress", "chunk", "leaf_specs", "method",
                                              "warmup", "order", "history", "start",
-                                             "trajectory"))
-def _run(dynamic, x_T, rand, tolerance, lam, prior, *, spec, window, parallel, mode, mesh,
-         progress, chunk, leaf_specs, method, warmup, order, history, start, trajectory):
+                                             "trajectory", "every"))
+def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, parallel, mode,
+         mesh, progress, chunk, leaf_specs, method, warmup, order, history, start, trajectory,
+         every):
     model_fn, solver = combine(dynamic, spec)
     n, W, p = solver.num_steps, window, parallel
     dtype = x_T.dtype
@@ -337,6 +338,8 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, *, spec, window, parallel, m
         begins = begins.at[it].set(begin)
         errors = errors.at[it].set(jnp.where(valid, jnp.max(ratio, axis=1) / tol2, jnp.nan)[:p])
         prog.report(progress, jnp.minimum(new_begin, n), n)
+        accepted = jnp.minimum(new_begin, n)
+        prog.notify(every, token, begin, accepted, n, timesteps, buf[accepted])
         if taa:   # positions seen for the first time (or restarted) start a fresh history
             c_w = jax.lax.dynamic_slice_in_dim(cnt, begin + 1, W)
             cnt = jax.lax.dynamic_update_slice_in_dim(cnt, jnp.where(blown, 0, c_w), begin + 1, 0)
@@ -374,7 +377,8 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
               chunk: Union[int, str, None] = "auto", method: str = "paradigms",
               warmup: Optional[int] = None, order: Optional[int] = None, history: int = 2,
               lam: float = 1e-3, init: Optional[jax.Array] = None,
-              resolve: Optional[int] = None, trajectory: bool = False):
+              resolve: Optional[int] = None, trajectory: bool = False,
+              callback: Optional[prog.StepCallback] = None, callback_steps: int = 1):
     """Sample with Picard iterations over a window of ``parallel`` steps -> (x_0, stats).
 
     Same conventions as ``jaxdiff.sample``: ``model_fn(x [N,...], t [N])`` is the raw network
@@ -397,6 +401,9 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     cost is flat beyond that and chunks skip the positions past the end.
     ``progress``: True for a tqdm bar of accepted steps, or a host callable
     ``f(done, num_steps)`` called after every iteration with the number of steps accepted.
+    ``callback(step, timestep, latents)``: as for ``sample``, with the steps as they are
+    accepted: after a round that accepts a step that is a multiple of ``callback_steps``,
+    it gets the newest accepted step and its latents (and always the last step).
     ``method``: how positions entering the window for the first time are initialised:
     "paradigms" (a copy of the window's last latent, Shih et al. 2023) or "parasolver" (Lu et
     al. 2025: the solver's own steps from that latent with the data prediction of the
@@ -521,12 +528,13 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     if init is not None and mesh is not None:
         init = par.place(init, mesh, par.P(None, par.PROMPTS)) if shards > 1 else \
             par.replicate(init, mesh)
-    x0, (it, evals, begins, errors, bad, traj) = _run(
-        dynamic, x_T, rand, jnp.float32(tol), jnp.float32(lam_f), init, spec=spec,
-        window=window, start=start, trajectory=bool(trajectory),
-        parallel=p, mode=mode, mesh=mesh, progress=progress, chunk=chunk, leaf_specs=leaf_specs,
-        method=method, warmup=warmup, order=window if order is None else int(order),
-        history=int(history) if method == "taa" else 1)
+    with prog.listening(callback, callback_steps, "jaxdiff.paradigms", x_T) as (every, token):
+        x0, (it, evals, begins, errors, bad, traj) = _run(
+            dynamic, x_T, rand, jnp.float32(tol), jnp.float32(lam_f), init, token, spec=spec,
+            window=window, start=start, trajectory=bool(trajectory), parallel=p, mode=mode,
+            mesh=mesh, progress=progress, chunk=chunk, leaf_specs=leaf_specs, method=method,
+            warmup=warmup, order=window if order is None else int(order),
+            history=int(history) if method == "taa" else 1, every=every)
     if not isinstance(bad, jax.core.Tracer) and int(bad) >= 0:
         raise NonFiniteError(f"jaxdiff.paradigms ({method}): NaN/inf in the model output or the "
                              f"window update at step {int(bad)} (model time "

@@ -36,8 +36,10 @@ class SequentialStats:
 class Sequential:
     """One step after another, the whole loop one jitted ``lax.scan``."""
 
-    def run(self, model_fn, solver, x_T, *, key=None, noise=None, progress=None):
-        x0 = sample(model_fn, solver, x_T, key=key, noise=noise, progress=progress)
+    def run(self, model_fn, solver, x_T, *, key=None, noise=None, progress=None,
+            callback=None, callback_steps=1):
+        x0 = sample(model_fn, solver, x_T, key=key, noise=noise, progress=progress,
+                    callback=callback, callback_steps=callback_steps)
         n = int(solver.num_steps)
         return x0, SequentialStats(model_evaluations=n, num_steps=n)
 
@@ -62,12 +64,13 @@ class Picard:
     history: int = 2
     lam: float = 1e-3
 
-    def run(self, model_fn, solver, x_T, *, key=None, noise=None, progress=None):
+    def run(self, model_fn, solver, x_T, *, key=None, noise=None, progress=None,
+            callback=None, callback_steps=1):
         return paradigms(model_fn, solver, x_T, parallel=self.parallel,
                          tolerance=self.tolerance, method=self.method, mesh=self.mesh,
                          chunk=self.chunk, warmup=self.warmup, order=self.order,
                          history=self.history, lam=self.lam, key=key, noise=noise,
-                         progress=progress)
+                         progress=progress, callback=callback, callback_steps=callback_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +85,8 @@ class EncoderPropagation:
     injection_threshold: float = 500
     decode_chunk: Optional[int] = None
 
-    def run(self, model_fn, solver, x_T, *, key=None, noise=None, progress=None):
+    def run(self, model_fn, solver, x_T, *, key=None, noise=None, progress=None,
+            callback=None, callback_steps=1):
         ks = self.key_steps
         if isinstance(ks, str) and ks == "auto":
             ks = "paper" if int(solver.num_steps) in PAPER_KEY_STEPS else 5
@@ -90,7 +94,8 @@ class EncoderPropagation:
                                    noise_injection=self.noise_injection,
                                    injection_threshold=self.injection_threshold,
                                    decode_chunk=self.decode_chunk, key=key, noise=noise,
-                                   progress=progress)
+                                   progress=progress, callback=callback,
+                                   callback_steps=callback_steps)
 
 
 SAMPLERS = (Sequential, Picard, EncoderPropagation)
@@ -118,11 +123,14 @@ def as_sampler(sampler, **options):
                      f"one of {sorted(SHORTHANDS)}, got {sampler!r}")
 
 
-def run(sampler, model_fn, solver, x_T, *, key=None, noise=None, progress=None):
+def run(sampler, model_fn, solver, x_T, *, key=None, noise=None, progress=None,
+        callback=None, callback_steps: int = 1):
     """Run ``sampler`` -> (x_0, stats). ``model_fn``, ``solver``, ``x_T``, ``key`` /
-    ``noise`` and ``progress`` mean what they mean for ``jaxdiff.sample``."""
+    ``noise``, ``progress`` and the step ``callback(step, timestep, latents)`` every
+    ``callback_steps`` steps mean what they mean for ``jaxdiff.sample``."""
     return as_sampler(sampler).run(model_fn, solver, x_T, key=key, noise=noise,
-                                   progress=progress)
+                                   progress=progress, callback=callback,
+                                   callback_steps=callback_steps)
 
 
 __all__ = ["EncoderPropagation", "Picard", "SAMPLERS", "SHORTHANDS", "Sequential",

@@ -27,8 +27,8 @@ from jaxdiff.sampling import progress as prog
 from jaxdiff.sampling.pytree import combine, partition
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "mode", "progress", "trajectory"))
-def _run(dynamic, x_T, rand, *, spec, mode, progress, trajectory):
+@functools.partial(jax.jit, static_argnames=("spec", "mode", "progress", "trajectory", "every"))
+def _run(dynamic, x_T, rand, token, *, spec, mode, progress, trajectory, every):
     model_fn, solver = combine(dynamic, spec)
     n = solver.num_steps
     dtype = x_T.dtype
@@ -43,6 +43,7 @@ def _run(dynamic, x_T, rand, *, spec, mode, progress, trajectory):
         out = model_fn(solver.scale_model_input(x, i), t)
         x, state = solver.step(state, i, x, out, eps)
         prog.report(progress, i + 1, n)
+        prog.notify(every, token, i, i + 1, n, timesteps, x)
         return (x, state), (x if trajectory else None)
 
     (x, _), xs = jax.lax.scan(body, (x, state), jnp.arange(n, dtype=jnp.int32))
@@ -52,7 +53,8 @@ def _run(dynamic, x_T, rand, *, spec, mode, progress, trajectory):
 def sample(model_fn: Callable, solver, x_T, *, key: Optional[jax.Array] = None,
            noise: Optional[jax.Array] = None,
            progress: Union[bool, Callable[[Any, int], None]] = False,
-           return_trajectory: bool = False):
+           return_trajectory: bool = False, callback: Optional[prog.StepCallback] = None,
+           callback_steps: int = 1):
     """Run ``solver`` from standard-normal ``x_T`` [N, H, W, C] to x_0 under ``jax.jit``.
 
     ``model_fn(x [N,H,W,C], t [N]) -> [N,H,W,C]`` is the raw network prediction in the
@@ -63,11 +65,15 @@ def sample(model_fn: Callable, solver, x_T, *, key: Optional[jax.Array] = None,
     ones ignore them. ``progress``: True for a tqdm bar, or a host callable
     ``f(done, num_steps)`` called after each step (``jaxdiff.sampling.progress``).
     ``return_trajectory``: also return every step's x, [num_steps, *x_T.shape].
+    ``callback(step, timestep, latents)``: a host function called after step ``step`` when
+    ``step % callback_steps == 0`` and after the last step, with the latents after that step
+    (numpy, the solver's own scaling); changing it does not recompile.
     Differentiable in x_T, in the model function's array leaves and in the solver's tables.
     """
     x_T, rand = prelude.prepare(model_fn, solver, x_T, key=key, noise=noise,
                                 driver="jaxdiff.sample")
     progress = prog.resolve(progress, "sampling")
     dynamic, spec = partition((model_fn, solver))
-    return _run(dynamic, x_T, rand.value, spec=spec, mode=rand.mode, progress=progress,
-                trajectory=bool(return_trajectory))
+    with prog.listening(callback, callback_steps, "jaxdiff.sample", x_T) as (every, token):
+        return _run(dynamic, x_T, rand.value, token, spec=spec, mode=rand.mode,
+                    progress=progress, trajectory=bool(return_trajectory), every=every)

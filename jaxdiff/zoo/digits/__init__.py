@@ -94,7 +94,7 @@ class DigitsPipeline:
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0, *,
                  noise: Optional[jax.Array] = None, progress: bool = False,
                  sampler="sequential", ratios=None, schedule=None,
-                 sampler_options: Optional[dict] = None):
+                 sampler_options: Optional[dict] = None, callback=None, callback_steps: int = 1):
         """-> (float32 images [N, 16, 16, 1] in [0, 1], one per label; the sampler's stats).
 
         A Solver object overrides ``num_inference_steps`` (it carries its own step count).
@@ -103,7 +103,8 @@ class DigitsPipeline:
         parallel=16, tolerance=0.1)``, ...) or a shorthand name ("sequential", "paradigms",
         "faster") whose fields come from ``sampler_options``. ``ratios``: TimeTuner ratios
         (array or ratios JSON path) applied to the solver (``Solver.with_ratios``);
-        ``schedule``: a learned time grid (``Solver.with_schedule``).
+        ``schedule``: a learned time grid (``Solver.with_schedule``). ``callback(step,
+        timestep, latents)`` every ``callback_steps`` steps: as for ``jaxdiff.sample``.
         """
         sampler = as_sampler(sampler, **dict(sampler_options or {}))
         labels = _check_labels(labels)
@@ -119,7 +120,8 @@ class DigitsPipeline:
         x_T = jax.random.normal(k_x, (len(labels), *IMAGE_SHAPE), jnp.float32)
         if noise is None and getattr(sol, "stochastic", False):
             noise = jax.random.normal(k_step, (sol.num_steps,) + x_T.shape, jnp.float32)
-        x0, stats = run(sampler, model_fn, sol, x_T, noise=noise, progress=progress)
+        x0, stats = run(sampler, model_fn, sol, x_T, noise=noise, progress=progress,
+                        callback=callback, callback_steps=callback_steps)
         return np.clip((np.asarray(x0, np.float32) + 1.0) / 2.0, 0.0, 1.0), stats
 
 
