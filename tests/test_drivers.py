@@ -31,10 +31,18 @@ sequential, picard, propagation = (importlib.import_module(f"jaxdiff.sampling.{m
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
           _class_name="PNDMScheduler", skip_prk_steps=True)
 ALL = ["ddpm", "ddim", "pndm", "euler", "euler_a", "heun", "lms", "dpm++", "unipc",
-       "sde-dpm++"]
-PICARD = ["ddpm", "ddim", "euler", "euler_a", "dpm++", "sde-dpm++"]
+       "sde-dpm++", "dpm_single", "sde-dpm_single", "kdpm2", "kdpm2_a", "deis", "deis-1"]
+# Picard: DPM-Solver++ singlestep through the multistep protocol (all orders, ODE), the SDE
+# singlestep and DEIS at first order only; KDPM2 (two stages per step) has no Picard split
+PICARD = ["ddpm", "ddim", "euler", "euler_a", "dpm++", "sde-dpm++", "dpm_single",
+          "sde-dpm_single-1", "deis-1"]
 OPTS = {"ddim": dict(eta=0.5), "dpm++": dict(solver_order=3),
-        "sde-dpm++": dict(algorithm_type="sde-dpmsolver++")}
+        "sde-dpm++": dict(algorithm_type="sde-dpmsolver++"), "dpm_single": dict(solver_order=3),
+        "sde-dpm_single": dict(algorithm_type="sde-dpmsolver++"),
+        "sde-dpm_single-1": dict(algorithm_type="sde-dpmsolver++", solver_order=1),
+        "deis": dict(solver_order=3), "deis-1": dict(solver_order=1)}
+BASE = {"sde-dpm++": "dpm++", "sde-dpm_single": "dpm_single", "sde-dpm_single-1": "dpm_single",
+        "deis-1": "deis"}
 STEPS = 6
 
 # the driver, the solvers it supports and its jitted program (for the compile cache)
@@ -51,8 +59,7 @@ CASES = [(d, s) for d, (_, names, _) in DRIVERS.items() for s in names]
 
 
 def make_solver(name, steps=STEPS):
-    base = "dpm++" if name == "sde-dpm++" else name
-    return solvers.make(base, SD, steps, **OPTS.get(name, {}))
+    return solvers.make(BASE.get(name, name), SD, steps, **OPTS.get(name, {}))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +139,7 @@ def test_every_step_a_key_step_is_sequential(name, x_T):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "euler_a", "sde-dpm++"])
+@pytest.mark.parametrize("name", ["ddpm", "euler_a", "sde-dpm++", "sde-dpm_single-1"])
 def test_one_key_one_sample_from_every_driver(name, x_T):
     """Same key, stochastic solver: Picard at a tight tolerance and encoder propagation with
     every step a key step converge to the sequential sample (before the shared prelude,
@@ -146,6 +153,13 @@ def test_one_key_one_sample_from_every_driver(name, x_T):
     np.testing.assert_allclose(np.asarray(prop), np.asarray(ref), atol=1e-5)
     other, _ = run(Sequential(), model, solver, x_T, key=jax.random.key(7))
     assert np.abs(np.asarray(other) - np.asarray(ref)).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["kdpm2", "kdpm2_a", "deis", "sde-dpm_single"])
+def test_no_picard_split_is_refused(name, x_T):
+    with pytest.raises(ValueError, match="Picard split"):
+        run(Picard(parallel=3), ToyModel(jnp.float32(1)), make_solver(name), x_T,
+            key=jax.random.key(0))
 
 
 def test_sampler_values_and_shorthands(x_T):

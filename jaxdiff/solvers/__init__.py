@@ -15,26 +15,33 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from jaxdiff.solvers import (ddim, ddpm, dpm_solver, euler, euler_ancestral, heun, lms, pndm,
-                             unipc)
+from jaxdiff.solvers import (ddim, ddpm, deis, dpm_singlestep, dpm_solver, euler,
+                             euler_ancestral, heun, kdpm2, kdpm2_ancestral, lms, pndm, unipc)
 from jaxdiff.solvers.base import METADATA_KEYS, EmptyState, Solver, schedule_from
 from jaxdiff.solvers.ddim import DDIM
 from jaxdiff.solvers.ddpm import DDPM
+from jaxdiff.solvers.deis import DEIS, DEISState
+from jaxdiff.solvers.dpm_singlestep import DPMSolverSinglestep, SinglestepState
 from jaxdiff.solvers.dpm_solver import DPMSolverPP, MultistepState
 from jaxdiff.solvers.euler import Euler
 from jaxdiff.solvers.euler_ancestral import EulerAncestral
 from jaxdiff.solvers.heun import Heun, HeunState
+from jaxdiff.solvers.kdpm2 import KDPM2, KDPM2State
+from jaxdiff.solvers.kdpm2_ancestral import KDPM2Ancestral
 from jaxdiff.solvers.lms import LMS, LMSState
 from jaxdiff.solvers.pndm import PNDM, PNDMState
 from jaxdiff.solvers.unipc import UniPC, UniPCState
 
-_MODULES = (ddpm, ddim, pndm, euler, euler_ancestral, heun, lms, dpm_solver, unipc)
+_MODULES = (ddpm, ddim, pndm, euler, euler_ancestral, heun, lms, dpm_solver, unipc,
+            dpm_singlestep, kdpm2, kdpm2_ancestral, deis)
 SOLVERS = {m.DIFFUSERS_CLASS: m for m in _MODULES}        # diffusers class name -> module
 SHORT_NAMES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
                "plms": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
                "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
                "lms": "LMSDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
-               "unipc": "UniPCMultistepScheduler"}
+               "unipc": "UniPCMultistepScheduler", "dpm_single": "DPMSolverSinglestepScheduler",
+               "kdpm2": "KDPM2DiscreteScheduler", "kdpm2_a": "KDPM2AncestralDiscreteScheduler",
+               "deis": "DEISMultistepScheduler"}
 
 # Fields of diffusers schedulers jaxdiff has no solver for, seen in published model configs;
 # like diffusers' from_config we ignore them when building another scheduler.
@@ -94,7 +101,8 @@ def from_diffusers(config: Mapping[str, Any], num_inference_steps: int, **option
 
 def make(name: str, schedule_config: Optional[Mapping[str, Any]] = None,
          num_inference_steps: int = 50, **options) -> Solver:
-    """Solver by short name: ddpm, ddim, pndm (plms), euler, euler_a, heun, lms, dpm++, unipc.
+    """Solver by short name: ddpm, ddim, pndm (plms), euler, euler_a, heun, lms, dpm++, unipc,
+    dpm_single, kdpm2, kdpm2_a, deis.
 
     ``schedule_config``: a diffusers scheduler config of any class (e.g. the model's
     ``scheduler/scheduler_config.json``) or None for the chosen solver's defaults.
@@ -106,6 +114,29 @@ def make(name: str, schedule_config: Optional[Mapping[str, Any]] = None,
     ratios, schedule = options.pop("ratios", None), options.pop("schedule", None)
     cfg, step_opts = _resolve(dict(schedule_config or {}), module, options)
     return retimed(module.build(cfg, num_inference_steps, **step_opts), ratios, schedule)
+
+
+# the step count ``compatibles`` builds each candidate with
+_PROBE_STEPS = 10
+
+
+def compatibles(config: Mapping[str, Any]) -> list:
+    """Diffusers class names of the jaxdiff solvers that can replace the scheduler ``config``
+    describes (a folder's ``scheduler_config.json`` dict), sorted: those that build from it
+    as ``make(name, config)`` would (fields of other schedulers ignored, as diffusers'
+    ``from_config``), like diffusers' ``scheduler.compatibles``. A solver that cannot take
+    one of the config's field values is left out."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a dict, got {type(config).__name__}")
+    out = []
+    for cls, module in SOLVERS.items():
+        try:
+            cfg, step_opts = _resolve(dict(config), module, {})
+            module.build(cfg, min(_PROBE_STEPS, int(cfg["num_train_timesteps"])), **step_opts)
+        except (ValueError, TypeError):
+            continue
+        out.append(cls)
+    return sorted(out)
 
 
 def alphas_cumprod(schedule_config: Optional[Mapping[str, Any]] = None):
@@ -125,7 +156,8 @@ def retimed(solver: Solver, ratios=None, schedule=None) -> Solver:
     return solver if ratios is None else solver.with_ratios(ratios)
 
 
-__all__ = ["DDIM", "DDPM", "DPMSolverPP", "EmptyState", "Euler", "EulerAncestral", "Heun",
-           "HeunState", "LMS", "LMSState", "MultistepState", "PNDM", "PNDMState", "SHORT_NAMES",
-           "SOLVERS", "Solver", "UniPC", "UniPCState", "alphas_cumprod", "from_diffusers", "make",
-           "retimed"]
+__all__ = ["DDIM", "DDPM", "DEIS", "DEISState", "DPMSolverPP", "DPMSolverSinglestep",
+           "EmptyState", "Euler", "EulerAncestral", "Heun", "HeunState", "KDPM2",
+           "KDPM2Ancestral", "KDPM2State", "LMS", "LMSState", "MultistepState", "PNDM",
+           "PNDMState", "SHORT_NAMES", "SOLVERS", "SinglestepState", "Solver", "UniPC",
+           "UniPCState", "alphas_cumprod", "compatibles", "from_diffusers", "make", "retimed"]

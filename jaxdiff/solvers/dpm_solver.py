@@ -20,6 +20,7 @@ from jaxdiff import schedules
 from jaxdiff.solvers.base import (vp_step_variance, Solver, at, check_prediction_type, choose, f32,
                                   postprocess_x0, push, require_default, schedule_from,
                                   solver_dataclass, static_field, vp_x0)
+from jaxdiff.solvers.euler import spaced_sigmas
 
 DIFFUSERS_CLASS = "DPMSolverMultistepScheduler"
 DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
@@ -188,28 +189,47 @@ def step_orders(n: int, order: int, lower_order_final: bool, euler_at_final: boo
     return out
 
 
+def exponential_coefficients(algorithm_type, h, alpha_s, sigma_s, alpha_t, sigma_t):
+    """The exponential-integrator weights of one DPM-Solver step from s to t (float64,
+    h = lambda_t - lambda_s) -> (a, b0, b1_mid, b1_heun, b2, c): x_t = a x_s + b0 D0 +
+    b1 D1 (+ b2 D2) (+ c noise), D0, D1, D2 the prediction and its first and second
+    divided differences in lambda (scaled by h), b1 of the midpoint or the Heun form.
+    The predictions are data (x0) for "dpmsolver++" / "sde-dpmsolver++", noise for
+    "dpmsolver". Shared by the multistep and singlestep solvers."""
+    em, em2 = np.exp(-h), np.exp(-2.0 * h)
+    if algorithm_type == "sde-dpmsolver++":
+        a = sigma_t / sigma_s * em
+        b0 = alpha_t * (1 - em2)
+        c = sigma_t * np.sqrt(1.0 - em2)
+        b1_mid, b1_heun = 0.5 * alpha_t * (1 - em2), alpha_t * ((1.0 - em2) / (-2.0 * h) + 1.0)
+        b2 = alpha_t * ((1.0 - em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+    elif algorithm_type == "dpmsolver":
+        ep = np.exp(h)
+        a = alpha_t / alpha_s
+        b0 = -(sigma_t * (ep - 1.0))
+        c = 0.0
+        b1_mid, b1_heun = -0.5 * (sigma_t * (ep - 1.0)), -(sigma_t * ((ep - 1.0) / h - 1.0))
+        b2 = -(sigma_t * ((ep - 1.0 - h) / h ** 2 - 0.5))
+    else:
+        a = sigma_t / sigma_s
+        b0 = -(alpha_t * (em - 1.0))
+        c = 0.0
+        b1_mid, b1_heun = -0.5 * (alpha_t * (em - 1.0)), alpha_t * ((em - 1.0) / h + 1.0)
+        b2 = -(alpha_t * ((em - 1.0 + h) / h ** 2 - 0.5))
+    return a, b0, b1_mid, b1_heun, b2, c
+
+
 def dpm_tables(sigmas, orders, algorithm_type, solver_type):
     n = len(orders)
     coef, diff = np.zeros((n, 5)), np.zeros((n, 4))
     alpha, sig, lam = vp_lambda(np.asarray(sigmas, np.float64))
-    sde = algorithm_type == "sde-dpmsolver++"
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for k, o in enumerate(orders):
-            a_t, s_t, s_0 = alpha[k + 1], sig[k + 1], sig[k]
+            a_t, s_t = alpha[k + 1], sig[k + 1]
             h = lam[k + 1] - lam[k]
-            em, em2 = np.exp(-h), np.exp(-2.0 * h)
-            if sde:
-                a = s_t / s_0 * em
-                b0 = a_t * (1 - em2)
-                c = s_t * np.sqrt(1.0 - em2)
-                b1_mid, b1_heun = 0.5 * a_t * (1 - em2), a_t * ((1.0 - em2) / (-2.0 * h) + 1.0)
-                b2 = a_t * ((1.0 - em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) if o == 3 else 0.0
-            else:
-                a = s_t / s_0
-                b0 = -(a_t * (em - 1.0))
-                c = 0.0
-                b1_mid, b1_heun = -0.5 * (a_t * (em - 1.0)), a_t * ((em - 1.0) / h + 1.0)
-                b2 = -(a_t * ((em - 1.0 + h) / h ** 2 - 0.5)) if o == 3 else 0.0
+            a, b0, b1_mid, b1_heun, b2, c = exponential_coefficients(
+                algorithm_type, h, alpha[k], sig[k], a_t, s_t)
+            b2 = b2 if o == 3 else 0.0
             row_d = [0.0, 0.0, 0.0, 0.0]
             b1 = 0.0
             if o == 2:
@@ -232,8 +252,14 @@ def dpm_tables(sigmas, orders, algorithm_type, solver_type):
 
 
 def vp_sigma_schedule(cfg, num_inference_steps: int, solver: str, *, karras_config_bounds: bool,
-                      karras_final_is_last: bool, clip_lambda: bool):
-    """Timesteps and sigmas of the multistep VP solvers (DPM-Solver, UniPC)."""
+                      karras_final_is_last: bool, clip_lambda: bool,
+                      karras_round_cosine: bool = False):
+    """Timesteps and sigmas of the VP solvers (DPM-Solver multistep and singlestep, UniPC,
+    DEIS). ``karras_final_is_last``: respaced sigmas (Karras, exponential, beta) end on
+    their own last sigma rather than the schedule's sigma_min (UniPC, DEIS);
+    ``karras_round_cosine``: Karras timesteps are rounded for squaredcos_cap_v2 too
+    (DPM-Solver singlestep). Exponential / beta sigmas (``euler.spaced_sigmas``) are used
+    by the solvers that accept those fields, their timesteps truncated, not rounded."""
     spacing = choose(cfg, "timestep_spacing", schedules.TIMESTEP_SPACINGS, solver)
     final_type = choose(cfg, "final_sigmas_type", ("zero", "sigma_min"), solver)
     sched = schedule_from(cfg)
@@ -250,15 +276,17 @@ def vp_sigma_schedule(cfg, num_inference_steps: int, solver: str, *, karras_conf
         last = T - int(np.searchsorted(lam[::-1], np.float32(cfg["lambda_min_clipped"])))
     ts = schedules.multistep_timesteps(T, n, spacing, int(cfg["steps_offset"]), last)
     sigma_last = np.sqrt((np.float32(1) - ac[0]) / ac[0])
-    if cfg.get("use_karras_sigmas"):
-        sigmas = schedules.karras_sigmas_for(cfg, float(train[0]), float(train[-1]), n,
-                                             karras_config_bounds)
+    spaced, kind = spaced_sigmas(cfg, float(train[0]), float(train[-1]), n, solver,
+                                 config_bounds=karras_config_bounds)
+    if spaced is not None:
+        sigmas = spaced
         ts = schedules.sigma_to_t(sigmas, log_sigmas)
-        if karras_final_is_last:                           # UniPC
-            ts = ts.round()
+        karras = kind == "use_karras_sigmas"
+        if karras_final_is_last:                           # UniPC, DEIS
+            ts = ts.round() if karras else ts
             sigma_last = sigmas[-1]
-        elif cfg["beta_schedule"] != "squaredcos_cap_v2":  # DPM-Solver
-            ts = ts.round()
+        elif karras and (karras_round_cosine or cfg["beta_schedule"] != "squaredcos_cap_v2"):
+            ts = ts.round()                                # DPM-Solver
     else:
         sigmas = schedules.interp_sigmas(ts, train)
     sigmas = np.concatenate([sigmas, [sigma_last if final_type == "sigma_min" else 0.0]])

@@ -26,13 +26,43 @@ DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
 STEP_OPTIONS = {}
 
 
+SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def spaced_sigmas(cfg, sigma_min: float, sigma_max: float, num: int, solver: str, *,
+                  config_bounds: bool):
+    """Sigmas respaced as the config's ``use_karras_sigmas`` / ``use_exponential_sigmas`` /
+    ``use_beta_sigmas`` asks (float64, descending), with the field that chose them; or
+    (None, None) when none is set. Bounds as ``schedules.karras_sigmas_for``."""
+    chosen = [k for k in SIGMA_SPACINGS if cfg.get(k)]
+    if len(chosen) > 1:
+        raise ValueError(f"{solver}: only one of {list(SIGMA_SPACINGS)} may be set, got "
+                         f"{chosen}")
+    if not chosen:
+        return None, None
+    kind = chosen[0]
+    if kind == "use_karras_sigmas":
+        return schedules.karras_sigmas_for(cfg, sigma_min, sigma_max, num, config_bounds), kind
+    lo = cfg.get("sigma_min") if config_bounds else None
+    hi = cfg.get("sigma_max") if config_bounds else None
+    lo, hi = (sigma_min if lo is None else lo), (sigma_max if hi is None else hi)
+    if kind == "use_exponential_sigmas":      # uniform in log sigma
+        return np.exp(np.linspace(np.log(hi), np.log(lo), num)), kind
+    # "Beta sampling" (Lee et al. 2024): the Beta(0.6, 0.6) quantiles of a uniform ramp
+    from scipy.stats import beta
+    ppf = beta.ppf(1 - np.linspace(0, 1, num), 0.6, 0.6)
+    return np.asarray(lo + ppf * (hi - lo), np.float64), kind
+
+
 def sigma_schedule(cfg, num_inference_steps: int, solver: str, *, karras_config_bounds: bool,
-                   pin_terminal: bool):
+                   pin_terminal: bool, karras_round: bool = False):
     """-> (timesteps float32 [N], sigmas float32 [N + 1], init_noise_sigma float32).
 
     ``karras_config_bounds``: the scheduler reads sigma_min/sigma_max from its config.
     ``pin_terminal``: with rescale_betas_zero_snr, alphas_cumprod[-1] is set to 2**-24 so
-    that the terminal sigma is finite (Euler, Euler ancestral)."""
+    that the terminal sigma is finite (Euler, Euler ancestral).
+    ``karras_round``: Karras timesteps are rounded to integers (KDPM2). Exponential and beta
+    sigmas (``spaced_sigmas``) are taken only by the solvers that accept those fields."""
     spacing = choose(cfg, "timestep_spacing", schedules.TIMESTEP_SPACINGS, solver)
     sched = schedule_from(cfg)
     T = sched.num_train_timesteps
@@ -44,10 +74,13 @@ def sigma_schedule(cfg, num_inference_steps: int, solver: str, *, karras_config_
     log_sigmas = np.log(train_sigmas)
     ts = schedules.sigma_timesteps(T, n, spacing, int(cfg.get("steps_offset", 0)))
     sigmas = schedules.interp_sigmas(ts, train_sigmas)
-    if cfg.get("use_karras_sigmas"):
-        sigmas = schedules.karras_sigmas_for(cfg, float(sigmas[-1]), float(sigmas[0]), n,
-                                             karras_config_bounds)
+    spaced, kind = spaced_sigmas(cfg, float(sigmas[-1]), float(sigmas[0]), n, solver,
+                                 config_bounds=karras_config_bounds)
+    if spaced is not None:
+        sigmas = spaced
         ts = schedules.sigma_to_t(sigmas, log_sigmas)
+        if karras_round and kind == "use_karras_sigmas":
+            ts = ts.round()
     final_type = cfg.get("final_sigmas_type", "zero")
     if final_type == "sigma_min":
         last = np.sqrt((np.float32(1) - ac[0]) / ac[0])
