@@ -9,11 +9,14 @@ from conversion.loaders import (load_component, load_controlnet, load_pipeline,
                                 load_text_encoder, load_tiny_vae, load_tokenizer, load_unet,
                                 load_vae,
                                 read_config, read_weights)
+from conversion.lora import (LoraWeights, merge_lora, read_lora, read_safetensors_metadata,
+                             read_textual_inversion)
 from conversion.safetensors_io import read_safetensors, write_safetensors
 
 __all__ = [
-    "ConversionError", "convert", "convert_state_dict", "is_checkpoint", "load_component",
-    "load_controlnet", "load_model", "load_pipeline", "load_text_encoder", "load_tiny_vae",
-    "load_tokenizer", "load_unet", "load_vae", "read_config", "read_safetensors",
+    "ConversionError", "LoraWeights", "convert", "convert_state_dict", "is_checkpoint",
+    "load_component", "load_controlnet", "load_model", "load_pipeline", "load_text_encoder",
+    "load_tiny_vae", "load_tokenizer", "load_unet", "load_vae", "merge_lora", "read_config",
+    "read_lora", "read_safetensors", "read_safetensors_metadata", "read_textual_inversion",
     "read_weights", "save_model", "torch_key", "write_safetensors",
 ]

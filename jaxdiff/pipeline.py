@@ -67,7 +67,8 @@ class StableDiffusionPipeline:
         return self.vae.config.latent_channels
 
     def set_attention(self, impl=None, *, fuse_qkv: bool = False) -> "StableDiffusionPipeline":
-        for m in (self.unet, self.vae):
+        lora = getattr(self, "_lora", None)
+        for m in (self.unet, self.vae, *(lora.base.values() if lora else ())):
             set_attention(m, impl, fuse_qkv=fuse_qkv)
         self._jitted.clear()
         return self
@@ -76,7 +77,7 @@ class StableDiffusionPipeline:
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         if self.tokenizer is None:
             raise ValueError("this pipeline has no tokenizer: pass prompt_embeds instead")
-        ids = self.tokenizer(list(prompts), padding="max_length",
+        ids = self.tokenizer(self._expand_tokens(prompts, self.tokenizer), padding="max_length",
                              max_length=self.tokenizer.model_max_length, truncation=True,
                              return_tensors="np").input_ids
         return np.asarray(ids, np.int32)
@@ -86,7 +87,7 @@ class StableDiffusionPipeline:
         ids = self.tokenize(prompts)
         fn = self._jit("text", self.text_encoder,
                        lambda te, ids: te(ids).last_hidden_state)
-        return fn(nnx.state(self.text_encoder), ids)
+        return fn(nnx.state(self.lora_module("text_encoder")), ids)
 
     # ----------------------------------------------------------------- VAE
     def decode_latents(self, latents) -> jax.Array:
@@ -127,6 +128,244 @@ class StableDiffusionPipeline:
 
     def _precision(self):
         return jax.default_matmul_precision(self.matmul_precision or "default")
+
+    # ----------------------------------------------------------------- LoRA and embeddings
+    def load_lora_weights(self, path_or_state, adapter_name: Optional[str] = None,
+                          scale: float = 1.0, *, fuse: Optional[bool] = None):
+        """Load a LoRA (diffusers/PEFT or kohya file, folder or state dict; see
+        ``conversion.lora``) into the UNet and text encoder(s) as adapter ``adapter_name``
+        (default ``"default_<k>"``), active at ``scale`` beside the adapters already active.
+
+        Fused (the default mode): the active adapters are merged into the weights on the
+        host, so sampling runs the plain compiled program. Unfused (``fuse=False`` or
+        ``unfuse_lora()``): the weights stay the base ones and the pipeline's own calls merge
+        the factors on device in one jitted function of the traced scales, so
+        ``set_adapters`` changes scales without host work or recompiling. Keys without a
+        component prefix go to the UNet; keys for a component this pipeline lacks, or that
+        match no layer, raise ``ValueError`` (nothing is changed then)."""
+        from conversion import lora as L
+
+        lora = L.read_lora(path_or_state)
+        st = self._lora_state()
+        name = adapter_name or f"default_{len(st.adapters)}"
+        if name in st.adapters:
+            raise ValueError(f"adapter {name!r} is already loaded: pick another adapter_name "
+                             f"or delete_adapters({name!r})")
+        present = {c for c in lora.components() if c is not None}
+        missing = sorted(c for c in present if getattr(self, c, None) is None)
+        if missing:
+            raise ValueError(f"{lora.source} has LoRA weights for {missing}, which this "
+                             f"{type(self).__name__} does not have")
+        resolved = {}
+        for c in L.COMPONENTS:
+            module = getattr(self, c, None)
+            if module is None or (c not in present and not (c == "unet" and None in present)):
+                continue
+            resolved[c] = L.resolve(st.base.get(c, module), lora, c, unprefixed=c == "unet")
+        resolved = {c: r for c, r in resolved.items() if r}
+        if not resolved:
+            raise ValueError(f"{lora.source}: no LoRA weights for this pipeline's components")
+        for c in resolved:
+            self._check_lora_module(c)
+            st.base.setdefault(c, getattr(self, c))
+        st.adapters[name] = resolved
+        st.scales[name] = float(scale)
+        st.active.append(name)
+        if fuse is not None:
+            st.fused = bool(fuse)
+        self._apply_lora()
+        return self
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        """Activate ``adapter_names`` (a name or a list) with ``adapter_weights`` (a scale or
+        one per name; default each adapter's current scale); the others are inactive."""
+        st = self._lora_state()
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in st.adapters]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; loaded: {sorted(st.adapters)}")
+        if adapter_weights is None:
+            weights = [st.scales[n] for n in names]
+        elif isinstance(adapter_weights, (list, tuple)):
+            weights = list(adapter_weights)
+        else:
+            weights = [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
+        for n, w in zip(names, weights):
+            st.scales[n] = float(w)
+        st.active = names
+        self._apply_lora()
+        return self
+
+    @property
+    def lora_adapters(self) -> dict:
+        """The active adapters and their scales."""
+        st = getattr(self, "_lora", None)
+        return {} if st is None else {n: st.scales[n] for n in st.active}
+
+    def fuse_lora(self):
+        """Merge the active adapters into the weights (the default mode)."""
+        self._lora_state().fused = True
+        self._apply_lora()
+        return self
+
+    def unfuse_lora(self):
+        """Keep the base weights and merge the adapters on device at call time (traced
+        scales: ``set_adapters`` then needs no host work and no recompilation)."""
+        self._lora_state().fused = False
+        self._apply_lora()
+        return self
+
+    def delete_adapters(self, adapter_names):
+        st = self._lora_state()
+        for n in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
+            if n not in st.adapters:
+                raise ValueError(f"unknown adapter {n!r}; loaded: {sorted(st.adapters)}")
+            del st.adapters[n], st.scales[n]
+            st.devices.pop(n, None)
+            st.active = [a for a in st.active if a != n]
+        self._apply_lora()
+        return self
+
+    def unload_lora_weights(self):
+        """Remove every adapter: the components get their base weights back."""
+        st = getattr(self, "_lora", None)
+        if st is not None:
+            for c in st.base:
+                self._check_lora_module(c)
+                setattr(self, c, st.base[c])
+        self._lora = None
+        return self
+
+    def lora_module(self, name: str):
+        """Component ``name`` as the pipeline runs it: with the active adapters merged (in the
+        unfused mode, by the jitted merge of the current scales)."""
+        module = getattr(self, name)
+        st = getattr(self, "_lora", None)
+        if st is None or st.fused or name not in st.base:
+            return module
+        self._check_lora_module(name)
+        names = [n for n in st.active if name in st.adapters[n]]
+        if not names:
+            return module
+        from conversion import lora as L
+
+        factors = []
+        for n in names:
+            dev = st.devices.setdefault(n, {})
+            if name not in dev:
+                dev[name] = L.device_factors(st.adapters[n][name])
+            factors.append(dev[name])
+        return L.apply_lora(module, factors, [st.scales[n] for n in names])
+
+    def _lora_state(self) -> "_LoraState":
+        if getattr(self, "_lora", None) is None:
+            self._lora = _LoraState()
+        return self._lora
+
+    def _check_lora_module(self, name: str) -> None:
+        st = self._lora
+        if name in st.current and getattr(self, name) is not st.current[name]:
+            raise ValueError(f"pipe.{name} was replaced after LoRA weights were loaded into "
+                             f"it: call unload_lora_weights() first")
+
+    def _apply_lora(self) -> None:
+        """Set each adapted component to its base (unfused) or merged (fused) weights."""
+        from conversion import lora as L
+
+        st = self._lora
+        for c, base in st.base.items():
+            self._check_lora_module(c)
+            names = [n for n in st.active if c in st.adapters[n]]
+            module = base
+            if st.fused and names:
+                module = L.merge_resolved(base, [st.adapters[n][c] for n in names],
+                                          [st.scales[n] for n in names])
+            setattr(self, c, module)
+            st.current[c] = module
+
+    def _set_base(self, name: str, module) -> None:
+        """Replace component ``name``'s base weights (LoRA re-applied on top)."""
+        st = getattr(self, "_lora", None)
+        if st is not None and name in st.base:
+            self._check_lora_module(name)
+            st.base[name] = module
+            self._apply_lora()
+        else:
+            setattr(self, name, module)
+
+    def load_textual_inversion(self, path_or_state, token: Optional[str] = None):
+        """Add a textual-inversion embedding: diffusers ``learned_embeds.safetensors``
+        ({token: vector}), A1111 files (``.pt`` with ``string_to_param``, which needs torch;
+        ``.safetensors`` with ``emb_params``, named after the file), or SDXL files
+        (``clip_l`` -> text_encoder, ``clip_g`` -> text_encoder_2). ``token`` overrides the
+        file's name. An embedding of n vectors adds the tokens ``token, token_1, ...,
+        token_{n-1}`` (as diffusers) and a prompt's ``token`` stands for all of them.
+        Raises if a token is already in a tokenizer or a width does not match its encoder."""
+        from conversion import lora as L
+
+        token, tables = L.read_textual_inversion(path_or_state, token)
+        if not token:
+            raise ValueError("this embedding names no token: pass token=")
+        names = ("text_encoder", "text_encoder_2")
+        if None in tables:
+            first = next((n for n in names if getattr(self, n, None) is not None), None)
+            tables = {first: tables[None]}
+        plan = []
+        for enc, rows in tables.items():
+            te = getattr(self, enc or "", None)
+            tok = getattr(self, "tokenizer" + enc[len("text_encoder"):], None) if enc else None
+            if te is None or tok is None:
+                raise ValueError(f"this pipeline has no {enc} and tokenizer for the embedding")
+            dim = te.config.hidden_size
+            if rows.shape[1] != dim:
+                raise ValueError(f"the embedding for {enc} has width {rows.shape[1]}, but its "
+                                 f"hidden size is {dim}"
+                                 + (" (an SDXL file has clip_l and clip_g)" if
+                                    self.text_encoder_2 is not None else ""))
+            plan.append((enc, tok, rows))
+        tokens_of = lambda n: [token] + [f"{token}_{i}" for i in range(1, n)]  # noqa: E731
+        checked = []
+        for enc, tok, rows in plan:                  # check everything before any change
+            if any(tok is t for t in checked):
+                continue                             # one tokenizer shared by both encoders
+            checked.append(tok)
+            vocab = tok.get_vocab()
+            taken = sorted({t for t in tokens_of(rows.shape[0]) + [f"{token}_1"] if t in vocab})
+            if taken:
+                raise ValueError(f"token(s) {taken} already in the tokenizer of {enc}: choose "
+                                 f"another token= (or remove them first)")
+        for enc, tok, rows in plan:
+            tokens = tokens_of(rows.shape[0])
+            if tokens[0] not in tok.get_vocab():
+                tok.add_tokens(tokens)
+            ids = [int(tok.convert_tokens_to_ids(t)) for t in tokens]
+            self._set_base(enc, L.add_token_embeddings(
+                self._lora.base[enc] if getattr(self, "_lora", None) and enc in self._lora.base
+                else getattr(self, enc), ids, rows))
+        self._jitted.clear()
+        return self
+
+    @staticmethod
+    def _expand_tokens(prompts, tokenizer) -> list:
+        """Each multi-vector textual-inversion token t in a prompt -> ``t t_1 ... t_{n-1}``
+        (diffusers' ``maybe_convert_prompt``)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        added = getattr(tokenizer, "added_tokens_encoder", None)
+        if not added or not any(f"{t}_1" in added for t in added):
+            return prompts
+        out = []
+        for p in prompts:
+            for t in set(tokenizer.tokenize(p)):
+                if t in added and f"{t}_1" in added:
+                    i, more = 1, [t]
+                    while f"{t}_{i}" in added:
+                        more.append(f"{t}_{i}")
+                        i += 1
+                    p = p.replace(t, " ".join(more))
+            out.append(p)
+        return out
 
     # ----------------------------------------------------------------- sampling
     def make_solver(self, solver, num_inference_steps: int):
@@ -266,7 +505,8 @@ class StableDiffusionPipeline:
                                  n, num_images_per_prompt, height, width)
         guess_mode = bool(guess_mode) or any(c[0].config.global_pool_conditions
                                              for c in nets or ())
-        model_fn = classifier_free(self.unet, guidance_scale=guidance_scale if do_cfg else 1.0,
+        model_fn = classifier_free(self.lora_module("unet"),
+                                   guidance_scale=guidance_scale if do_cfg else 1.0,
                                    guidance_rescale=guidance_rescale, extra_channels=extra,
                                    controlnets=nets, guess_mode=guess_mode, **cond_kw)
         with self._precision():
@@ -447,6 +687,20 @@ class StableDiffusionPipeline:
 
 
 @dataclasses.dataclass
+class _LoraState:
+    """A pipeline's LoRA adapters: the components' base modules, each adapter's resolved
+    factors per component, scales, the active names and the mode."""
+
+    base: dict = dataclasses.field(default_factory=dict)       # component -> base module
+    current: dict = dataclasses.field(default_factory=dict)    # component -> module set
+    adapters: dict = dataclasses.field(default_factory=dict)   # name -> {component: factors}
+    scales: dict = dataclasses.field(default_factory=dict)
+    active: list = dataclasses.field(default_factory=list)
+    devices: dict = dataclasses.field(default_factory=dict)    # name -> {component: on device}
+    fused: bool = True
+
+
+@dataclasses.dataclass
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
     """SDXL base or refiner: two CLIP text encoders (the refiner has only the second), their
     penultimate hidden states concatenated, the second's pooled projection and the micro-
@@ -495,7 +749,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             if tok is None:
                 raise ValueError(f"this pipeline has no tokenizer{'_2' if i else ''}: pass "
                                  "prompt_embeds and pooled_prompt_embeds instead")
-            ids = tok(list(prompts_2 if i else prompts), padding="max_length",
+            ids = tok(self._expand_tokens(prompts_2 if i else prompts, tok), padding="max_length",
                       max_length=max_length or tok.model_max_length, truncation=True,
                       return_tensors="np").input_ids
             def encode(m, ids, layer=layer):
@@ -503,6 +757,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 return out.hidden_states[layer], out.text_embeds
 
             fn = self._jit(("text_xl", i, layer), te, encode)
+            te = self.lora_module(("text_encoder", "text_encoder_2")[i])
             h, emb = fn(nnx.state(te), np.asarray(ids, np.int32))
             states.append(h)
             pooled = emb if emb is not None else pooled
