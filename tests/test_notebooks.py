@@ -22,5 +22,5 @@ def test_notebook_executes(path):
 
 def test_notebooks_present():
     names = {p.name for p in NOTEBOOKS}
-    assert {"02_digits.ipynb", "03_paradigms.ipynb", "04_timetuner.ipynb",
+    assert {"01_sampling.ipynb", "02_digits.ipynb", "03_paradigms.ipynb", "04_timetuner.ipynb",
             "05_faster_diffusion.ipynb"} <= names

@@ -107,8 +107,8 @@ def make(name: str, schedule_config: Optional[Mapping[str, Any]] = None,
     ``schedule_config``: a diffusers scheduler config of any class (e.g. the model's
     ``scheduler/scheduler_config.json``) or None for the chosen solver's defaults.
     ``ratios=`` / ``schedule=`` as for ``from_diffusers``."""
-    key = name.lower() if isinstance(name, str) else name
-    if key not in SHORT_NAMES and key not in SOLVERS:
+    key = name.lower() if isinstance(name, str) and name.lower() in SHORT_NAMES else name
+    if key not in SHORT_NAMES and key not in SOLVERS:     # (or a diffusers class name)
         raise ValueError(f"unknown solver {name!r}; choose from {sorted(SHORT_NAMES)}")
     module = SOLVERS[SHORT_NAMES.get(key, key)]
     ratios, schedule = options.pop("ratios", None), options.pop("schedule", None)
