@@ -27,6 +27,32 @@ class SafetensorsError(ValueError):
     pass
 
 
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """-> (the JSON header without ``__metadata__``, the byte offset where data begins)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsError(f"{path}: too small to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        size = os.fstat(f.fileno()).st_size
+        if 8 + n > size:
+            raise SafetensorsError(f"{path}: header length {n} exceeds the file size {size}")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        count = int(np.prod(info["shape"])) if info["shape"] else 1
+        if end - start != count * np.dtype(_DTYPES[info["dtype"]]).itemsize or 8 + n + end > size:
+            raise SafetensorsError(f"{path}: tensor {name!r} byte range does not match its shape")
+    return header, 8 + n
+
+
+def dtype_of(info: dict) -> np.dtype:
+    return np.dtype(_DTYPES[info["dtype"]])
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """name -> read-only array view of the file (kept alive by the arrays themselves)."""
     with open(path, "rb") as f:

@@ -143,7 +143,7 @@ class StableDiffusionPipeline:
         ``set_adapters`` changes scales without host work or recompiling. Keys without a
         component prefix go to the UNet; keys for a component this pipeline lacks, or that
         match no layer, raise ``ValueError`` (nothing is changed then)."""
-        from conversion import lora as L
+        import conversion.lora as L
 
         lora = L.read_lora(path_or_state)
         st = self._lora_state()
@@ -249,7 +249,7 @@ class StableDiffusionPipeline:
         names = [n for n in st.active if name in st.adapters[n]]
         if not names:
             return module
-        from conversion import lora as L
+        import conversion.lora as L
 
         factors = []
         for n in names:
@@ -272,7 +272,7 @@ class StableDiffusionPipeline:
 
     def _apply_lora(self) -> None:
         """Set each adapted component to its base (unfused) or merged (fused) weights."""
-        from conversion import lora as L
+        import conversion.lora as L
 
         st = self._lora
         for c, base in st.base.items():
@@ -303,7 +303,7 @@ class StableDiffusionPipeline:
         file's name. An embedding of n vectors adds the tokens ``token, token_1, ...,
         token_{n-1}`` (as diffusers) and a prompt's ``token`` stands for all of them.
         Raises if a token is already in a tokenizer or a width does not match its encoder."""
-        from conversion import lora as L
+        import conversion.lora as L
 
         token, tables = L.read_textual_inversion(path_or_state, token)
         if not token:

@@ -17,7 +17,7 @@ LAYERS = [
     ("jaxdiff.models", 0), ("jaxdiff.schedules", 0), ("jaxdiff.schedule_files", 0),
     ("jaxdiff.images", 0), ("jaxdiff.sampling.pytree", 0),
     ("conversion.convert", 1), ("conversion.safetensors_io", 1), ("conversion.checkpoint", 1),
-    ("conversion.testing", 1),
+    ("conversion.testing", 1), ("conversion.lora", 1),
     ("jaxdiff.solvers", 2), ("jaxdiff.guidance", 2), ("jaxdiff.parallel", 2),
     ("jaxdiff.sampling", 3),
     ("jaxdiff.pipeline", 4), ("jaxdiff", 4),            # the package re-exports the pipeline
