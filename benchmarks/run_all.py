@@ -17,6 +17,8 @@ import picard_methods  # noqa: E402
 import window_cost  # noqa: E402
 import time_grids  # noqa: E402
 import sdxl_controlnet  # noqa: E402
+import everyday  # noqa: E402
+import loading  # noqa: E402
 
 
 def main():
@@ -33,6 +35,8 @@ def main():
     window_cost.main([])
     time_grids.main([])
     sdxl_controlnet.main([])
+    loading.main([])
+    everyday.main([])
 
 
 if __name__ == "__main__":
