@@ -20,10 +20,10 @@ run: $(STAMP)
 	$(BIN)/python -m jaxdiff.cli demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=10 tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not slow" --durations=10 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -50,3 +50,21 @@ def pytest_sessionfinish(session, exitstatus):
         import shutil
 
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# `make test-fast` (-m "not slow", the developer loop, about 8 minutes on 2 cores) runs these
+# modules: solver parity step by step, the driver contract over every sampler, TimeTuner, time
+# grids, conversion and model parity, guidance. Every other module (pipelines against
+# diffusers, notebooks, subprocess runs, full-size architectures, the digits model end to
+# end) counts as slow: `make test` and CI run everything.
+FAST_MODULES = {"test_solvers", "test_drivers", "test_tuning", "test_time_grids",
+                "test_conversion", "test_models_parity", "test_attention", "test_layers",
+                "test_constraints", "test_guidance", "test_ratios"}
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] not in FAST_MODULES:
+            item.add_marker(pytest.mark.slow)
