@@ -50,8 +50,6 @@ def _launch(out_dir):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={worker.LOCAL_DEVICES}"
     env["JAX_PLATFORMS"] = "cpu"
-    # two processes of one distributed program: each compiles its own, uncached
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     procs, logs = [], []
     t0 = time.perf_counter()
     try:
