@@ -7,9 +7,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
@@ -27,6 +29,7 @@ def _release_compiled_programs():
     jax.clear_caches()
     gc.collect()
 
+
 # `make test-fast` (-m "not slow", the developer loop, about 8 minutes on 2 cores) runs these
 # modules: solver parity step by step, the driver contract over every sampler, TimeTuner, time
 # grids, conversion and model parity, guidance. Every other module (pipelines against
@@ -35,6 +38,7 @@ def _release_compiled_programs():
 FAST_MODULES = {"test_solvers", "test_drivers", "test_tuning", "test_time_grids",
                 "test_conversion", "test_models_parity", "test_attention", "test_layers",
                 "test_constraints", "test_guidance", "test_ratios"}
+
 
 def pytest_collection_modifyitems(config, items):
     import pytest
