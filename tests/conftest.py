@@ -30,7 +30,7 @@ def _release_compiled_programs():
     gc.collect()
 
 
-# `make test-fast` (-m "not slow", the developer loop, about 8 minutes on 2 cores) runs these
+# `make test-fast` (-m "not slow", the developer loop, about 10 minutes on 2 cores) runs these
 # modules: solver parity step by step, the driver contract over every sampler, TimeTuner, time
 # grids, conversion and model parity, guidance. Every other module (pipelines against
 # diffusers, notebooks, subprocess runs, full-size architectures, the digits model end to

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxdiff
 import jaxdiff.zoo.digits
@@ -45,21 +44,8 @@ def test_every_step_a_key_step_is_sequential_sampling(name, gs, setup):
 def _reference(pipe, solver, x_T, labels, key_steps, alpha, threshold):
     """Step by step in Python: encoder features from the last key step, decoder with each
     step's own time embedding, injection before every step below the threshold."""
-    graphdef, weights = nnx.split(pipe.unet)
+    unet = pipe.unet
     ctx, lab = class_tokens(labels), labels
-
-    # the encoder and the decoder each compiled once (op-by-op dispatch of the UNet costs
-    # more than the test); the step loop and the feature reuse stay in Python
-    @jax.jit
-    def encode(weights, x, tb):
-        return nnx.merge(graphdef, weights).encode(x, tb, ctx, class_labels=lab)
-
-    @jax.jit
-    def decode(weights, feats, tb):
-        unet = nnx.merge(graphdef, weights)
-        emb = unet.time_embedding_of(tb, tb.shape[0], lab, None)
-        return unet.decode(feats.skips, feats.mid, emb, ctx)
-
     x = x_T * solver.init_noise_sigma
     state = solver.init(x)
     feats = None
@@ -69,8 +55,9 @@ def _reference(pipe, solver, x_T, labels, key_steps, alpha, threshold):
             x = x + alpha * x_T / solver.scale_model_input(jnp.ones_like(x), i)
         tb = jnp.full((x.shape[0],), t, jnp.float32)
         if i in key_steps:
-            feats = encode(weights, solver.scale_model_input(x, i), tb)
-        out = decode(weights, feats, tb)
+            feats = unet.encode(solver.scale_model_input(x, i), tb, ctx, class_labels=lab)
+        emb = unet.time_embedding_of(tb, x.shape[0], lab, None)
+        out = unet.decode(feats.skips, feats.mid, emb, ctx)
         x, state = solver.step(state, i, x, out, jnp.zeros_like(x))
     return x
 
