@@ -97,3 +97,28 @@ def test_unet_takes_diffusers_added_cond_kwargs_spelling(rng):
     with pytest.raises(ValueError, match="not both"):
         m(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx), added_cond=added,
           added_cond_kwargs=added)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,channels,size", [
+    (3, 1, 1, 512, 4),     # im2col matmul (>= IM2COL_MIN_CHANNELS on a small map)
+    (3, 1, 1, 32, 8),      # direct convolution (few channels)
+    (3, 1, 1, 512, 32),    # direct convolution (large map)
+    (3, 2, 1, 16, 9),      # strided (downsampling)
+    (1, 1, 0, 16, 5),      # 1x1: a matmul
+])
+def test_conv2d_paths_match_torch(kernel, stride, padding, channels, size, rng):
+    """Every code path of Conv2d against torch.nn.functional.conv2d."""
+    import torch
+    from flax import nnx
+
+    from jaxdiff.models.layers import IM2COL_MAX_PIXELS, IM2COL_MIN_CHANNELS, Conv2d
+
+    assert (channels >= IM2COL_MIN_CHANNELS and size * size <= IM2COL_MAX_PIXELS) == (
+        channels == 512 and size == 4)
+    conv = Conv2d(channels, 8, kernel, stride=stride, padding=padding, rngs=nnx.Rngs(0))
+    x = rng.standard_normal((2, size, size, channels)).astype(np.float32)
+    weight = np.ascontiguousarray(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1))  # OIHW
+    ref = torch.nn.functional.conv2d(
+        torch.from_numpy(nchw(x)), torch.from_numpy(weight),
+        torch.from_numpy(np.asarray(conv.bias[...])), stride=stride, padding=padding)
+    assert rel_l2(conv(jnp.asarray(x)), nhwc(ref.numpy())) <= TOL
