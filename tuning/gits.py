@@ -12,13 +12,16 @@ multistep step's error depends on the path behind it, which the DP cannot see).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.sampling import sample
+from jaxdiff.sampling.pytree import combine, partition
 from jaxdiff.schedules import NoiseScheduleVP, model_input_time
 from jaxdiff.solvers.base import vp_eps, vp_x0
 from jaxdiff.time_grids import make_grid
@@ -39,23 +42,39 @@ def fine_trajectories(model_fn, ns: NoiseScheduleVP, x_T, *, fine: int,
     return t, x
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "prediction_type"))
+def _fine_predictions(dyn, x, t_model, alpha, sigma, *, spec, prediction_type):
+    """(x0, eps) [M, N, ...] at the fine points x [M, N, ...]: one network call per point,
+    the M calls one jitted ``lax.map`` (eager calls would dispatch, and compile, the network
+    op by op)."""
+    model_fn = combine(dyn, spec)
+
+    def one(args):
+        xm, tm, a, s = args
+        out = model_fn(xm, jnp.full((xm.shape[0],), tm))
+        return vp_x0(prediction_type, out, xm, a, s), vp_eps(prediction_type, out, xm, a, s)
+
+    return jax.lax.map(one, (x, t_model, alpha, sigma))
+
+
 def step_costs(model_fn, ns: NoiseScheduleVP, t, x, prediction_type: str = "epsilon"):
     """c [M + 1, M + 1]: the mean RMSE of one DDIM step from fine point m to n (> m)."""
     m_total = t.shape[0] - 1
     tt = jnp.asarray(t, jnp.float32)
-    alpha, sigma = np.asarray(ns.marginal_alpha(tt)), np.asarray(ns.marginal_std(tt))
+    alpha, sigma = ns.marginal_alpha(tt), ns.marginal_std(tt)
+    dyn, spec = partition(model_fn)
+    x0, eps = _fine_predictions(dyn, jnp.asarray(x[:m_total]), model_input_time(ns, tt[:m_total]),
+                                alpha[:m_total], sigma[:m_total], spec=spec,
+                                prediction_type=prediction_type)
+    alpha, sigma = np.asarray(alpha), np.asarray(sigma)
     cost = np.full((m_total + 1, m_total + 1), np.inf)
     n_samples = x.shape[1]
     flat = np.asarray(x).reshape(m_total + 1, n_samples, -1)
+    x0 = np.asarray(x0).reshape(m_total, n_samples, -1)
+    eps = np.asarray(eps).reshape(m_total, n_samples, -1)
     for m in range(m_total):
-        xm = x[m]
-        tm = jnp.full((n_samples,), model_input_time(ns, tt[m]))
-        out = model_fn(xm, tm)
-        a, s = jnp.float32(alpha[m]), jnp.float32(sigma[m])
-        x0 = np.asarray(vp_x0(prediction_type, out, xm, a, s)).reshape(n_samples, -1)
-        eps = np.asarray(vp_eps(prediction_type, out, xm, a, s)).reshape(n_samples, -1)
         for n in range(m + 1, m_total + 1):
-            guess = alpha[n] * x0 + sigma[n] * eps
+            guess = alpha[n] * x0[m] + sigma[n] * eps[m]
             cost[m, n] = np.mean(np.sqrt(np.mean(np.square(guess - flat[n]), axis=1)))
     return cost
 
