@@ -62,7 +62,9 @@ def _reference(pipe, solver, x_T, labels, key_steps, alpha, threshold):
     return x
 
 
-@pytest.mark.parametrize("name", ["dpm++", "euler"])
+# Euler: the injection goes through scale_model_input (VE); multistep state across groups
+# (DPM-Solver++) is checked by the decode-chunk and every-step-a-key-step tests
+@pytest.mark.parametrize("name", ["euler"])
 def test_reuse_and_injection_match_a_step_by_step_reference(name, setup):
     pipe, cond, _, x_T = setup
     s = solvers.make(name, pipe.schedule, STEPS)

@@ -143,14 +143,16 @@ def test_help_lists_tune(capsys):
 @pytest.mark.parametrize("method", ["ld3", "gits"])
 def test_grid_methods_write_a_schedule_file_the_pipeline_takes(method, tmp_path, capsys):
     """``--method ld3 | gits`` write a schedule file; the digits pipeline samples with it,
-    exactly as the solver rebuilt from the file; a teacher no finer than the student exits 2."""
+    exactly as the solver rebuilt from the file; a teacher no finer than the student exits 2.
+    LD3 starts from GITS's grid here (``--init gits``: one run covers both tuners)."""
     from jaxdiff import schedule_files, solvers
     from jaxdiff.zoo import digits
     from jaxdiff.zoo.digits import SCHEDULE
 
     out = tmp_path / f"{method}.json"
-    argv = ["tune", "--method", method, "--steps", "2", "--solver", "dpmsolver++", "--pairs",
-            "6", "--valid", "3", "--epochs", "2", "--batch", "3", "--fine", "10",
+    init = ["--init", "gits"] if method == "ld3" else []
+    argv = ["tune", "--method", method, *init, "--steps", "2", "--solver", "dpmsolver++",
+            "--pairs", "6", "--valid", "3", "--epochs", "2", "--batch", "3", "--fine", "10",
             "--teacher-steps", "20", "--out", str(out), "--no-progress"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
@@ -158,6 +160,12 @@ def test_grid_methods_write_a_schedule_file_the_pipeline_takes(method, tmp_path,
     doc = schedule_files.load_schedule(out)
     assert doc["solver"] == "dpmsolver++" and doc["num_steps"] == 2
     assert doc["meta"]["method"] == method and doc["meta"]["tune_seconds"] > 0
+    if method == "ld3":
+        assert "starts from GITS's free-start grid" in printed
+        assert doc["meta"]["init"] == "gits" and len(doc["meta"]["gits_t"]) == 3
+        # LD3 keeps its starting grid's ends: GITS's (possibly free) start and the final time
+        assert abs(doc["t"][0] - doc["meta"]["gits_t"][0]) < 1e-6
+        assert abs(doc["t"][-1] - doc["meta"]["gits_t"][-1]) < 1e-6
     pipe = digits.load()
     cfg = dict(SCHEDULE, clip_sample=False)
     sol = solvers.make("dpm++", cfg, 2, schedule=out)
@@ -168,19 +176,3 @@ def test_grid_methods_write_a_schedule_file_the_pipeline_takes(method, tmp_path,
     assert code == 2 and "teacher must take more steps" in capsys.readouterr().err
     code = cli.main(["tune", "--method", "ld4", "--out", str(tmp_path / "y.json")])
     assert code == 2 and "unknown --method 'ld4'" in capsys.readouterr().err
-
-
-def test_ld3_can_start_from_the_gits_grid(tmp_path, capsys):
-    from jaxdiff import schedule_files
-
-    out = tmp_path / "ld3_gits.json"
-    argv = ["tune", "--method", "ld3", "--init", "gits", "--steps", "2", "--solver", "ddim",
-            "--pairs", "6", "--valid", "3", "--epochs", "2", "--batch", "3", "--fine", "10",
-            "--teacher-steps", "20", "--out", str(out), "--no-progress"]
-    assert cli.main(argv) == 0, capsys.readouterr().err
-    assert "starts from GITS's free-start grid" in capsys.readouterr().out
-    doc = schedule_files.load_schedule(out)
-    assert doc["meta"]["init"] == "gits" and len(doc["meta"]["gits_t"]) == 3
-    # LD3 keeps its starting grid's ends: GITS's (possibly free) start and the final time
-    assert abs(doc["t"][0] - doc["meta"]["gits_t"][0]) < 1e-6
-    assert abs(doc["t"][-1] - doc["meta"]["gits_t"][-1]) < 1e-6
