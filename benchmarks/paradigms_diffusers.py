@@ -41,7 +41,7 @@ def _tiny_folder() -> Path:
     from tiny import write_tiny_pipeline
 
     folder = WORK / "tiny_sd_paradigms"
-    write_tiny_pipeline(folder, seed=0)   # a few MB; rewritten so the weights are always these
+    write_tiny_pipeline(folder, seed=0, unet="sd1")   # a few MB; rewritten so the weights are always these
     return folder
 
 

@@ -54,7 +54,7 @@ def main(argv=None):
     from tiny import write_tiny_pipeline
 
     folder = WORK / "tiny_sd_window_cost"
-    write_tiny_pipeline(folder, seed=0)
+    write_tiny_pipeline(folder, seed=0, unet="sd1")
     sd = conversion.load_pipeline(folder)
     emb = sd.encode_prompt(["the cat"])
     neg = sd.encode_prompt([""])

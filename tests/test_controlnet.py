@@ -9,7 +9,7 @@ import torch
 import conversion
 from jaxdiff import solvers
 from jaxdiff.sampling import EncoderPropagation, Picard
-from tiny import (UNET_CONFIGS, latents_and_images_error, nchw, nhwc, rel_l2,
+from tiny import (SD_PIPE_UNET, UNET_CONFIGS, latents_and_images_error, nchw, nhwc, rel_l2,
                   torch_controlnet, unet_inputs, write_tiny_pipeline, write_tiny_sdxl)
 
 SCHEDULERS = ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"]
@@ -44,7 +44,7 @@ def test_controlnet_model_matches_diffusers(name, variant):
 def sd(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd_controlnet")
     ref = write_tiny_pipeline(folder)
-    cfg = {**UNET_CONFIGS["sd1"], "sample_size": 16}
+    cfg = {**SD_PIPE_UNET, "sample_size": 16}
     nets = [torch_controlnet(cfg, seed=s) for s in (1, 2)]
     for j, net in enumerate(nets):
         net.save_pretrained(folder / f"controlnet{j}")
@@ -152,6 +152,6 @@ def test_controlnet_bad_inputs_named(sd):
         pipe(**kw, controlnet=mine[0], control_image=_controls(0, 1, size=24))
     with pytest.raises(ValueError, match="2 ControlNets need as many control images"):
         pipe(**kw, controlnet=mine, control_image=[_controls(0, 1)])
-    other = conversion.convert(torch_controlnet({**UNET_CONFIGS["sd2"]}))
+    other = conversion.convert(torch_controlnet(UNET_CONFIGS["sd1"]))
     with pytest.raises(ValueError, match="does not fit the UNet: block_out_channels"):
         pipe(**kw, controlnet=other, control_image=_controls(0, 1))
