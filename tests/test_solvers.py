@@ -26,6 +26,11 @@ SHAPE = (2, 3, 4, 4)            # solvers are elementwise: any layout works for 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 SD_BETAS = {k: v for k, v in SD.items() if k != "steps_offset"}   # DPM singlestep: no offset
 MAX_ERRORS: dict = {}
+# Cases whose last step amplifies float32 rounding past TOL: DPM-Solver singlestep's final
+# third-order step to sigma_min puts diffusers' float32 result 6.6e-6 from its float64 one
+# and jaxdiff's 6.4e-6 the other way (1.2e-5 apart). There jaxdiff is measured against
+# diffusers in float64, within max(TOL, twice diffusers' own float32 error) per step.
+FLOAT64_REFERENCE = {"dpm_single-o3-nolof-sigmamin-heun"}
 
 
 def _denoiser(lib, x, t, ac, prediction_type, sd2=0.5):
@@ -47,32 +52,40 @@ def _denoiser(lib, x, t, ac, prediction_type, sd2=0.5):
     return eps if prediction_type == "epsilon" else a * eps - s * x0
 
 
-def run_diffusers(cls_name, config, n, x_T, noise, monkeypatch, step_kwargs=None):
-    """diffusers' denoising loop with the toy model; per-step noise injected."""
+def run_diffusers(cls_name, config, n, x_T, noise, monkeypatch, step_kwargs=None,
+                  float_dtype=torch.float32):
+    """diffusers' denoising loop with the toy model; per-step noise injected. In float64 the
+    scheduler's tables (computed in float32), latents, noise and model are float64: a measure
+    of the float32 run's own rounding."""
     cls = getattr(diffusers, cls_name)
     sched = cls(**config)
     sched.set_timesteps(n)
+    if float_dtype != torch.float32:
+        for name, value in vars(sched).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                setattr(sched, name, value.to(float_dtype))
     current = {"i": 0}
 
     def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(noise[current["i"]]).to(dtype or torch.float32)
+        return torch.from_numpy(noise[current["i"]]).to(dtype or float_dtype)
 
     mod = inspect.getmodule(cls)
     if hasattr(mod, "randn_tensor"):
         monkeypatch.setattr(mod, "randn_tensor", fake_randn)
-    x = torch.from_numpy(x_T) * sched.init_noise_sigma
-    ac = sched.alphas_cumprod.to(torch.float32)
+    x = torch.from_numpy(x_T).to(float_dtype) * sched.init_noise_sigma
+    ac = sched.alphas_cumprod.to(float_dtype)
     pt = sched.config.prediction_type
     xs, levels = [], []
     for i, t in enumerate(sched.timesteps):
         current["i"] = i
         inp = sched.scale_model_input(x, t)
-        out = _denoiser(torch, inp, torch.full((x.shape[0],), float(t)), ac, pt)
+        t_batch = torch.full((x.shape[0],), float(t), dtype=float_dtype)
+        out = _denoiser(torch, inp, t_batch, ac, pt)
         kw = dict(step_kwargs or {})
         if cls_name == "DDIMScheduler" and kw.get("eta", 0) > 0:
-            kw["variance_noise"] = torch.from_numpy(noise[i])
+            kw["variance_noise"] = torch.from_numpy(noise[i]).to(float_dtype)
         if cls_name == "DPMSolverMultistepScheduler" and "sde" in config.get("algorithm_type", ""):
-            kw["variance_noise"] = torch.from_numpy(noise[i])
+            kw["variance_noise"] = torch.from_numpy(noise[i]).to(float_dtype)
         x = sched.step(out, t, x, **kw).prev_sample
         xs.append(x.numpy().copy())
         # k-diffusion schedulers work on x = x_vp * sqrt(sigma^2 + 1): note sigma after the step
@@ -289,11 +302,19 @@ def test_parity_with_diffusers(cls_name, config, n, step_kwargs, monkeypatch, re
     assert got.shape == want.shape
     assert np.isfinite(want).all()
     scale = np.sqrt(levels.astype(np.float64) ** 2 + 1)
-    err = np.abs(got - want).max(axis=tuple(range(1, got.ndim))) / scale
+    axes = tuple(range(1, got.ndim))
+    err = np.abs(got - want).max(axis=axes) / scale
+    if request.node.callspec.id in FLOAT64_REFERENCE:
+        _, want64, _ = run_diffusers(cls_name, config, n, x_T, noise, monkeypatch, step_kwargs,
+                                     float_dtype=torch.float64)
+        tol = np.maximum(TOL, 2 * np.abs(want - want64).max(axis=axes) / scale)
+        err = np.abs(got - want64).max(axis=axes) / scale
+    else:
+        tol = np.full_like(err, TOL)
     MAX_ERRORS[request.node.callspec.id] = float(err.max())
     print(f"{request.node.callspec.id}: max abs error {err.max():.2e} "
-          f"(final {err[-1]:.1e}, |x| <= {np.abs(want).max():.1f})")
-    assert err.max() <= TOL, f"first step over tolerance: {int(np.argmax(err > TOL))}, {err}"
+          f"(final {err[-1]:.1e}, |x| <= {np.abs(want).max():.1f}, tolerance {tol.max():.1e})")
+    assert (err <= tol).all(), f"first step over tolerance: {int(np.argmax(err > tol))}, {err}"
 
 
 # ------------------------------------------------------------------------------ driver checks
