@@ -131,7 +131,8 @@ def test_picard_window_of_one_is_sequential(name, x_T):
     ref, _ = run(Sequential(), model, solver, x_T, key=key)
     got, st = run(Picard(parallel=1, tolerance=0.1), model, solver, x_T, key=key)
     assert st.iterations == STEPS
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+    # |x| reaches 50 here: a few float32 ulps of two programs' fusion orders
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ALL)
