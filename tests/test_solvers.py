@@ -28,9 +28,11 @@ SD_BETAS = {k: v for k, v in SD.items() if k != "steps_offset"}   # DPM singlest
 MAX_ERRORS: dict = {}
 # Cases whose last step amplifies float32 rounding past TOL: DPM-Solver singlestep's final
 # third-order step to sigma_min puts diffusers' float32 result 6.6e-6 from its float64 one
-# and jaxdiff's 6.4e-6 the other way (1.2e-5 apart). There jaxdiff is measured against
-# diffusers in float64, within max(TOL, twice diffusers' own float32 error) per step.
-FLOAT64_REFERENCE = {"dpm_single-o3-nolof-sigmamin-heun"}
+# and jaxdiff's 6.4e-6 the other way (1.2e-5 apart); DEIS' third-order v-prediction steps
+# without lower_order_final likewise (1.2e-5 at the last step on some CPUs). There jaxdiff
+# is measured against diffusers in float64, within max(TOL, twice diffusers' own float32
+# error) per step.
+FLOAT64_REFERENCE = {"dpm_single-o3-nolof-sigmamin-heun", "deis-o3-nolof-v"}
 
 
 def _denoiser(lib, x, t, ac, prediction_type, sd2=0.5):
@@ -285,9 +287,11 @@ def test_parity_with_diffusers(cls_name, config, n, step_kwargs, monkeypatch, re
         np.testing.assert_array_equal(np.asarray(solver.timesteps), ref_t)
     else:   # Karras timesteps of Euler/Heun/LMS are fractional: see test_sigmas_vs_torch;
         # KDPM2's midpoint sigmas go through torch's float32 log/exp (a few ulps apart from
-        # correctly rounded ones), and t(sigma) is steep at low noise
-        rtol = 1e-6 if cls_name.startswith("KDPM2") else 3e-7
-        np.testing.assert_allclose(np.asarray(solver.timesteps), ref_t, rtol=rtol, atol=0)
+        # correctly rounded ones, depending on the CPU's vector path), and t(sigma) is steep
+        # at low noise: the last midpoint lands at t = 0 or 3e-5 (atol 1e-4 training steps)
+        kd = cls_name.startswith("KDPM2")
+        np.testing.assert_allclose(np.asarray(solver.timesteps), ref_t,
+                                   rtol=1e-6 if kd else 3e-7, atol=1e-4 if kd else 0)
     assert solver.num_steps == len(sched.timesteps)
     np.testing.assert_allclose(float(solver.init_noise_sigma), float(sched.init_noise_sigma),
                                rtol=1e-6)
