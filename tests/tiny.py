@@ -89,6 +89,38 @@ def torch_unet(cfg, seed=0):
     return m
 
 
+# issue 25's ParaTAA problem: a random SD-like UNet (every weight perturbed by 0.02 randn so
+# the network is not near-linear in x), SD's DDIM (scaled_linear, leading, steps_offset 1, no
+# clipping), guidance 4, one random prompt of 77 tokens; shared by tests/test_paradigms.py,
+# benchmarks/parataa.py and the harness that runs the authors' code on it
+PARATAA_UNET = dict(
+    sample_size=16, block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=16,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=48, attention_head_dim=[4, 8, 8], in_channels=4, out_channels=4)
+PARATAA_DDIM = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085,
+                    beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                    prediction_type="epsilon")
+PARATAA_GUIDANCE = 4.0
+
+
+def parataa_problem(seed=0):
+    """-> (torch UNet, DDIM config, cond [1, 77, 48], uncond [1, 77, 48]) as torch tensors."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    m = UNet2DConditionModel(**PARATAA_UNET).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(seed + 1)
+    cond = torch.randn(1, 77, 48, generator=g)
+    uncond = torch.randn(1, 77, 48, generator=g)
+    return m, dict(PARATAA_DDIM), cond, uncond
+
+
 def torch_vae(cfg=VAE_CONFIG, seed=0):
     import torch
     from diffusers import AutoencoderKL

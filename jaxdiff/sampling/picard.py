@@ -71,6 +71,8 @@ class ParadigmsStats:
 
 
 METHODS = ("paradigms", "parasolver", "taa")
+HOLDS = ("data", "output")           # taa: what each step's model holds at the iterate
+ACCEPTS = ("trajectory", "residual")    # taa: which residual the tolerance is compared with
 CPU_SAMPLES_PER_CALL = 32      # chunk="auto" on CPU: window positions per call x batch
 
 
@@ -95,10 +97,10 @@ def _check_solver(solver):
 @functools.partial(jax.jit, static_argnames=("spec", "window", "parallel", "mode", "mesh",
                                              "progress", "chunk", "leaf_specs", "method",
                                              "warmup", "order", "history", "start",
-                                             "trajectory", "every"))
+                                             "trajectory", "every", "hold", "accept"))
 def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, parallel, mode,
          mesh, progress, chunk, leaf_specs, method, warmup, order, history, start, trajectory,
-         every):
+         every, hold, accept):
     model_fn, solver = combine(dynamic, spec)
     n, W, p = solver.num_steps, window, parallel
     dtype = x_T.dtype
@@ -114,6 +116,8 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, para
     var = jnp.asarray(solver.picard_variance(), jnp.float32)
     # the latent leaving step k enters step k + 1: scale by that step's variance (0 at the end)
     inv_norm = (1.0 / jnp.concatenate([var[1:], jnp.zeros((1,), jnp.float32)])) / per_sample
+    if accept == "residual":    # ParaTAA's rule: the 1-step residual's RMS, every step alike
+        inv_norm = jnp.full((n,), 1.0 / per_sample, jnp.float32)
     inv_norm = jnp.concatenate([inv_norm, jnp.zeros((W,), jnp.float32)])
     timesteps = jnp.asarray(solver.timesteps, jnp.float32)
     tol2 = jnp.square(jnp.asarray(tolerance, jnp.float32))
@@ -168,16 +172,18 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, para
                             ).astype(jnp.float32)                              # [W + 1]
         j = jnp.arange(1, W + 1)
         hq = hist if multistep else jnp.zeros((W,))
-        # The dependence of each step on x is modelled with the data prediction frozen at
-        # the current iterate (ParaSolver's extrapolation), anchored so that at the iterate
-        # itself it is the solver's exact step (the fixed point is unchanged). Freezing the
-        # raw output instead (ParaTAA's DDIM) stalls under clip_sample: where the clipped
-        # data prediction ignores x the frozen step has no x-dependence left, while the
-        # true step carries x through the output nearly one to one (digits DDIM-50, window
-        # 16, tolerance 0.01: 48 rounds with the 1-step acceptance, 13 with this model and
-        # the order-k acceptance). Multistep solvers already freeze data predictions.
+        # How each step depends on x away from the iterate (the fixed point is the same either
+        # way; only the speed of convergence differs). hold "output": the model output frozen
+        # at the iterate, ParaTAA's model: for DDIM an exact linear map with DDIM's own
+        # coefficients. hold "data": the data prediction frozen (ParaSolver's extrapolation),
+        # anchored at the iterate to the solver's exact step; needed where the data
+        # prediction is clipped or thresholded: there the frozen-output step has no
+        # x-dependence left, while the true step carries x nearly one to one (digits DDIM-50,
+        # clip_sample, window 16, tolerance 0.01: 48 rounds frozen output with the 1-step
+        # acceptance, 13 frozen data with the order-k acceptance). Multistep solvers freeze
+        # their data-prediction history.
         g0 = jax.vmap(frozen_step)(idc, X[:-1], out, hq, z)                  # exact steps
-        if multistep:
+        if multistep or hold == "output":
             def move(Zs):
                 return jax.vmap(frozen_step)(idc, Zs, out, hq, z)
         else:
@@ -230,9 +236,13 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, para
         hx = jax.lax.dynamic_update_slice_in_dim(hx, push(hx_w, Xn), begin + 1, 0)
         hr = jax.lax.dynamic_update_slice_in_dim(hr, push(hr_w, R), begin + 1, 0)
         cnt = jax.lax.dynamic_update_slice_in_dim(cnt, c_w + ok.astype(jnp.int32), begin + 1, 0)
-        # accept on the order-k residual: for k = the window it estimates each latent's
-        # error given the accepted start, as ParaDiGMS's cumulative change does (the 1-step
-        # residual accepted ~5x larger errors at the same tolerance)
+        # accept "trajectory": the order-k residual against each step's noise std; for k = the
+        # window it estimates each latent's error given the accepted start, as ParaDiGMS's
+        # cumulative change does (the 1-step residual accepted ~5x larger errors at the same
+        # relative tolerance). accept "residual": ParaTAA's rule, the 1-step residual.
+        if accept == "residual":
+            return new.astype(dtype), jnp.where(bcast(ok, X[1:]), Z1[1:] - X[1:], 0.0), \
+                hx, hr, cnt
         return new.astype(dtype), R, hx, hr, cnt
 
     def paradigms_update(idc, xw, out, valid, hist, z, old):
@@ -376,7 +386,8 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
               mesh=None, progress: Union[bool, Callable] = False,
               chunk: Union[int, str, None] = "auto", method: str = "paradigms",
               warmup: Optional[int] = None, order: Optional[int] = None, history: int = 2,
-              lam: float = 1e-3, init: Optional[jax.Array] = None,
+              lam: float = 1e-3, hold: str = "data", accept: str = "trajectory",
+              init: Optional[jax.Array] = None,
               resolve: Optional[int] = None, trajectory: bool = False,
               callback: Optional[prog.StepCallback] = None, callback_steps: int = 1):
     """Sample with Picard iterations over a window of ``parallel`` steps -> (x_0, stats).
@@ -414,9 +425,17 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     frozen at the current iterate; None: the whole window) and triangular Anderson
     acceleration over the last ``history`` iterates of every step (``history`` 1: none;
     ``lam``: the regularisation of its least squares, relative to the mean squared residual
-    difference); each step's dependence on x is modelled with its data prediction held at the
-    current iterate (exact at the iterate), and windows slide on the order-k residual
-    compared with the tolerance as for ParaDiGMS.
+    difference). ``hold``: how each step depends on x away from the current iterate:
+    "data" (default: the data prediction frozen, ParaSolver's extrapolation, anchored to the
+    exact step at the iterate; the one that converges when the data prediction is clipped
+    or thresholded, and 2-3 rounds fewer on the trained digits model without clipping) or
+    "output" (ParaTAA's: the model output frozen; for DDIM the exact linear DDIM map; half
+    the rounds on issue 25's random SD UNet, ``benchmarks/parataa.py``); multistep solvers
+    hold their data-prediction history. ``accept``: "trajectory" (default) slides the window on the order-k residual
+    compared with the tolerance times each step's noise std, as ParaDiGMS's change;
+    "residual" is ParaTAA's rule: the 1-step residual ``step_k(x_k) - x_{k+1}``, RMS over each
+    sample, below ``tolerance`` in latent units (the authors' default 1e-3; the final latent
+    included).
     ``warmup``: the first ``warmup`` steps run one at a time before the window opens
     (default 0 for "paradigms", 1 for "parasolver" and "taa", whose first extrapolation then starts
     from a real data prediction).
@@ -457,6 +476,17 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
         # in float32 (NaN at the last low-noise steps): not offered until it is made robust
         raise ValueError(f"history must be 1 (no Anderson acceleration) or 2 (ParaTAA's m = 2: "
                          f"one scalar Gamma per step), got {history!r}")
+    if hold not in HOLDS:
+        raise ValueError(f"hold must be one of {list(HOLDS)}, got {hold!r}")
+    if accept not in ACCEPTS:
+        raise ValueError(f"accept must be one of {list(ACCEPTS)}, got {accept!r}")
+    if method != "taa" and (hold != "data" or accept != "trajectory"):
+        raise ValueError(f"hold= and accept= are options of method='taa' (ParaTAA's step model "
+                         f"and acceptance rule), not of {method!r}")
+    multistep = hasattr(solver, "picard_multistep")
+    if hold == "output" and multistep:
+        raise ValueError(f"hold='output' needs a single-step solver; {type(solver).__name__} is "
+                         f"multistep and holds its data-prediction history")
     lam_f = float(lam)
     if not (np.isfinite(lam_f) and lam_f >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
@@ -534,7 +564,8 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
             window=window, start=start, trajectory=bool(trajectory), parallel=p, mode=mode,
             mesh=mesh, progress=progress, chunk=chunk, leaf_specs=leaf_specs, method=method,
             warmup=warmup, order=window if order is None else int(order),
-            history=int(history) if method == "taa" else 1, every=every)
+            history=int(history) if method == "taa" else 1, every=every, hold=hold,
+            accept=accept)
     if not isinstance(bad, jax.core.Tracer) and int(bad) >= 0:
         raise NonFiniteError(f"jaxdiff.paradigms ({method}): NaN/inf in the model output or the "
                              f"window update at step {int(bad)} (model time "

@@ -52,7 +52,7 @@ class Picard:
     positions per call; "auto"); ``method`` how new window positions are initialised
     ("paradigms" | "parasolver" | "taa"); ``warmup`` sequential steps before the window
     opens; for "taa" the residual ``order`` (None: the window), Anderson ``history`` and its
-    regularisation ``lam``."""
+    regularisation ``lam``, the step model ``hold`` and the acceptance rule ``accept``."""
 
     parallel: int = 16
     tolerance: float = 0.1
@@ -63,13 +63,16 @@ class Picard:
     order: Optional[int] = None
     history: int = 2
     lam: float = 1e-3
+    hold: str = "data"
+    accept: str = "trajectory"
 
     def run(self, model_fn, solver, x_T, *, key=None, noise=None, progress=None,
             callback=None, callback_steps=1):
         return paradigms(model_fn, solver, x_T, parallel=self.parallel,
                          tolerance=self.tolerance, method=self.method, mesh=self.mesh,
                          chunk=self.chunk, warmup=self.warmup, order=self.order,
-                         history=self.history, lam=self.lam, key=key, noise=noise,
+                         history=self.history, lam=self.lam, hold=self.hold,
+                         accept=self.accept, key=key, noise=noise,
                          progress=progress, callback=callback, callback_steps=callback_steps)
 
 
