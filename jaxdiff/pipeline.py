@@ -380,6 +380,22 @@ class StableDiffusionPipeline:
             return solvers.make(solver, self.scheduler, int(num_inference_steps))
         return solver
 
+    def _check_size(self, height: int, width: int) -> None:
+        """Refuse sizes the VAE or the UNet cannot take: the VAE halves the image
+        ``vae_scale_factor`` times over, the UNet's down blocks halve the latents again and its
+        up blocks add the skips back at the same sizes, so the latents must divide by
+        2 ** (down blocks - 1). (diffusers checks a fixed multiple of 8 and lets the UNet
+        interpolate odd skip sizes; a latent that does not divide shifts its skips by up to
+        a pixel at every level.)"""
+        f = self.vae_scale_factor
+        step = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % step or width % step or height <= 0 or width <= 0:
+            near = lambda v: sorted({max(step, v // step * step), max(step, -(-v // step) * step)})
+            raise ValueError(
+                f"height and width must be positive multiples of {step} (the VAE's factor {f} "
+                f"x the UNet's {step // f}), got {height}x{width}; the nearest are "
+                f"{' or '.join(map(str, near(height)))} x {' or '.join(map(str, near(width)))}")
+
     def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> jax.Array:
         f = self.vae_scale_factor
         shape = (height // f, width // f, self.latent_channels)
@@ -441,9 +457,7 @@ class StableDiffusionPipeline:
         default = (self.unet.config.sample_size or 64) * f
         height = default if height is None else int(height)
         width = default if width is None else int(width)
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {f}, got "
-                             f"{height}x{width}")
+        self._check_size(height, width)
 
         do_cfg = guidance_scale is not None and float(guidance_scale) != 1.0
         cond_kw = self._conditioning(prompt, negative_prompt, prompt_embeds,

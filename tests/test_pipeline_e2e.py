@@ -63,7 +63,7 @@ def test_seeds_are_per_image_and_reproducible(pipes):
 
 def test_bad_inputs_named(pipes):
     _, pipe = pipes
-    with pytest.raises(ValueError, match="multiples of 2"):
+    with pytest.raises(ValueError, match=r"multiples of \d+ \(the VAE's factor 2"):
         pipe("the cat", height=33, num_inference_steps=2)
     with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
         pipe("the cat", num_inference_steps=0)
@@ -113,7 +113,7 @@ def test_cli_sample(pipes, tmp_path):
     assert Image.open(out).size == (64, 64)  # 2x2 grid of 32x32 images
     r = subprocess.run([sys.executable, "-m", "jaxdiff.cli", "sample", str(folder), "the cat",
                         "--height", "31"], capture_output=True, text=True)
-    assert r.returncode == 2 and "multiples of 2" in r.stderr
+    assert r.returncode == 2 and "positive multiples of" in r.stderr and "31x" in r.stderr
 
 
 def test_tuned_ratios_and_sampler_options(pipes):

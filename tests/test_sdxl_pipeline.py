@@ -109,6 +109,13 @@ def test_sdxl_bad_inputs_named(xl, tmp_path):
     kw = dict(prompt="the cat", num_inference_steps=4, solver="ddim", output_type="latent")
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['prompt_3'\\]"):
         pipe(**kw, prompt_3="x")
+    # VAE factor 2, one UNet downsampling: 30 pixels are 15 latents, which the UNet's skips
+    # cannot meet without interpolation
+    with pytest.raises(ValueError, match=r"multiples of 4 \(the VAE's factor 2 x the UNet's 2\), "
+                                         r"got 30x32; the nearest are 28 or 32 x 32"):
+        pipe(**kw, height=30, width=32)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        refiner(**kw, image=np.zeros((1, 30, 30, 3), np.float32))
     with pytest.raises(ValueError, match="needs pooled_prompt_embeds"):
         pipe(prompt_embeds=np.zeros((1, 16, 24), np.float32), num_inference_steps=4)
     # the refiner's UNet takes 5 time ids: as a base it would get 6
