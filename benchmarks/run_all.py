@@ -14,6 +14,7 @@ import timetuner_digits  # noqa: E402
 import unet_forward  # noqa: E402
 import compile_times  # noqa: E402
 import picard_methods  # noqa: E402
+import parataa  # noqa: E402
 import window_cost  # noqa: E402
 import time_grids  # noqa: E402
 import sdxl_controlnet  # noqa: E402
@@ -32,6 +33,7 @@ def main():
     faster_diffusion.main([])
     compile_times.main([])
     picard_methods.main([])
+    parataa.main([])   # the authors' rows as measured; --original PATH reruns them
     window_cost.main([])
     time_grids.main([])
     sdxl_controlnet.main([])

@@ -378,9 +378,10 @@ def parataa_sd():
 @pytest.mark.slow
 @pytest.mark.parametrize("steps, kw, rounds, agreement", [
     # the authors' code on this problem (order 20, tol 1e-3): DDIM-50 7 rounds at 8.1e-5,
-    # DDIM-100 9 at 1.6e-4, DDIM-100 order 100: 4 at 2.5e-4 (benchmarks/parataa.py)
-    (50, dict(hold="output", tolerance=0.01), 6, 1.3e-4),
-    (100, dict(hold="output", tolerance=0.01), 6, 1.8e-4),
+    # DDIM-100 9 at 1.6e-4, DDIM-100 order 100: 4 at 2.5e-4 (benchmarks/parataa.py; issue
+    # 25 quotes 3.4e-4 for its run); measured here 6 at 4.4e-5, 6 at 5.8e-5, 4 at 2.6e-4
+    (50, dict(hold="output", tolerance=0.005), 6, 8.1e-5),
+    (100, dict(hold="output", tolerance=0.005), 6, 1.6e-4),
     (100, dict(hold="output", accept="residual", tolerance=1e-3), 4, 3.4e-4),
 ])
 def test_parataa_rounds_on_the_authors_problem(steps, kw, rounds, agreement, parataa_sd):
