@@ -142,6 +142,20 @@ def check_num_steps(num_inference_steps, num_train_timesteps: int) -> int:
     return n
 
 
+def check_timesteps(ts, num_train_timesteps: int, name: str, steps_offset=None) -> None:
+    """Refuse timesteps outside the training schedule, naming the offending range (not the
+    whole list: DDPM-1000 has a thousand)."""
+    ts = np.asarray(ts)
+    T = int(num_train_timesteps)
+    if len(ts) and (ts.min() < 0 or ts.max() >= T):
+        bad = ts[(ts < 0) | (ts >= T)]
+        offset = "" if steps_offset is None else f" with steps_offset={steps_offset}"
+        raise ValueError(f"{name}: {len(ts)} timesteps from {int(ts.max())} to {int(ts.min())}"
+                         f"{offset} fall outside [0, {T}) ({len(bad)} of them, e.g. "
+                         f"{int(bad[0])}); use fewer steps, another timestep_spacing or "
+                         f"steps_offset=0")
+
+
 def discrete_timesteps(num_train_timesteps: int, num_inference_steps: int,
                        spacing: str = "leading", steps_offset: int = 0) -> np.ndarray:
     """Descending int64 timesteps of DDPM/DDIM (one per step)."""

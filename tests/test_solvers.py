@@ -420,6 +420,13 @@ def test_from_diffusers_errors():
         solvers.from_diffusers({"_class_name": "DDIMScheduler"}, 0)
     with pytest.raises(ValueError, match="num_inference_steps"):
         solvers.from_diffusers({"_class_name": "DDIMScheduler"}, 1001)
+    # every training step with SD's offset: timestep 1000 does not exist; named, not listed
+    for name in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler"):
+        with pytest.raises(ValueError, match=r"timesteps from 1000 to 1 with steps_offset=1 "
+                                             r"fall outside \[0, 1000\) \(1 of them") as e:
+            solvers.from_diffusers({"_class_name": name, "steps_offset": 1,
+                                    "skip_prk_steps": True}, 1000)
+        assert len(str(e.value)) < 300
     with pytest.raises(ValueError, match="solver_p"):
         solvers.from_diffusers({"_class_name": "UniPCMultistepScheduler", "solver_p": "x"}, 10)
     with pytest.raises(ValueError, match="unknown solver"):

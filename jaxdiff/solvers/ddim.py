@@ -98,9 +98,7 @@ def build(cfg, num_inference_steps: int, eta: float = 0.0,
     n = schedules.check_num_steps(num_inference_steps, T)
     ac = sched.alphas_cumprod
     ts = schedules.discrete_timesteps(T, n, spacing, int(cfg["steps_offset"]))
-    if ts.min() < 0 or ts.max() >= T:
-        raise ValueError(f"{name}: timesteps {ts.tolist()} fall outside [0, {T}) "
-                         f"(steps_offset={cfg['steps_offset']})")
+    schedules.check_timesteps(ts, T, name, cfg["steps_offset"])
     final = np.float32(1.0) if cfg["set_alpha_to_one"] else ac[0]
     prev = ts - T // n                                # diffusers' rule, whatever the spacing
     one = np.float32(1.0)

@@ -75,9 +75,7 @@ def build(cfg, num_inference_steps: int) -> DDPM:
     n = schedules.check_num_steps(num_inference_steps, T)
     ac = sched.alphas_cumprod                                   # float32 [T]
     ts = schedules.discrete_timesteps(T, n, spacing, int(cfg["steps_offset"]))
-    if ts.min() < 0 or ts.max() >= T:
-        raise ValueError(f"{name}: timesteps {ts.tolist()} fall outside [0, {T}) "
-                         f"(steps_offset={cfg['steps_offset']})")
+    schedules.check_timesteps(ts, T, name, cfg["steps_offset"])
 
     one = np.float32(1.0)
     a_t = ac[ts]

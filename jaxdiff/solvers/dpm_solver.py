@@ -291,8 +291,7 @@ def vp_sigma_schedule(cfg, num_inference_steps: int, solver: str, *, karras_conf
         sigmas = schedules.interp_sigmas(ts, train)
     sigmas = np.concatenate([sigmas, [sigma_last if final_type == "sigma_min" else 0.0]])
     ts = np.asarray(ts).astype(np.int64)
-    if len(ts) and (ts.min() < 0 or ts.max() >= T):
-        raise ValueError(f"{solver}: timesteps {ts.tolist()} fall outside [0, {T})")
+    schedules.check_timesteps(ts, T, solver)
     return ts.astype(np.float32), sigmas.astype(np.float32)
 
 

@@ -143,8 +143,7 @@ def build(cfg, num_inference_steps: int) -> PNDM:
     ac = sched.alphas_cumprod
     final = np.float32(1.0) if cfg["set_alpha_to_one"] else ac[0]
     ts, rows = _tables(T, n, spacing, int(cfg["steps_offset"]), skip_prk)
-    if ts.min() < 0 or ts.max() >= T:
-        raise ValueError(f"{name}: timesteps {ts.tolist()} fall outside [0, {T})")
+    schedules.check_timesteps(ts, T, name, cfg["steps_offset"])
 
     one = np.float32(1.0)
     a_t = np.array([ac[r["t_from"]] for r in rows], np.float32)
