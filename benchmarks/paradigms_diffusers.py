@@ -234,7 +234,7 @@ def report(r: dict) -> str:
         f"{r['jax']}, torch {r['torch']} ({threads}), diffusers "
         f"{r['diffusers']}. Same x_T and per-step noise everywhere. Medians of "
         f"{r['repeats']} warm jaxdiff runs and {r['diffusers_repeats']} diffusers run(s), "
-        "interleaved. jaxdiff's default on CPU evaluates the window in chunks of ~32 "
+        "interleaved. jaxdiff's default on CPU evaluates the window in chunks of ~8 "
         "network samples per UNet call (chunk=\"auto\"; chunks past the end are skipped); "
         "the batched row is the accelerator layout (the whole window as one UNet call). "
         "ParaSolver / ParaTAA rows: jaxdiff at the loosest tolerance whose agreement with "

@@ -73,7 +73,10 @@ class ParadigmsStats:
 METHODS = ("paradigms", "parasolver", "taa")
 HOLDS = ("data", "output")           # taa: what each step's model holds at the iterate
 ACCEPTS = ("trajectory", "residual")    # taa: which residual the tolerance is compared with
-CPU_SAMPLES_PER_CALL = 32      # chunk="auto" on CPU: window positions per call x batch
+# chunk="auto" on CPU: window positions per call x batch. Tiny SD UNet, DDPM-1000, window
+# 100, guidance (2 samples per position), warm medians: 8 samples per call 19.4 s, 12 20.0,
+# 16 21.1, 24 22.9, 32 23.1, 50 22.1, 100 22.1, the whole window 25.9 (2026-12-04)
+CPU_SAMPLES_PER_CALL = 8
 
 
 class NonFiniteError(FloatingPointError):
@@ -517,7 +520,7 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
                     else jax.default_backend())
         # CPU: per-sample cost is flat from ~16 to a few hundred samples per call once
         # attention is not the bottleneck (benchmarks/window_cost.py), and chunks let
-        # positions past the end be skipped: ~32 samples per call
+        # positions past the end be skipped: ~8 samples per call
         local = x_T.shape[0] // max(par.prompt_shards(mesh), 1)
         if isinstance(model_fn, ModelFn) and model_fn.uncond is not None:
             local *= 2             # guidance: the network sees both halves
