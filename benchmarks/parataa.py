@@ -47,7 +47,7 @@ VARIANTS = [
 CASES = [("ddim", 50, 50), ("ddim", 100, 100), ("ddpm", 1000, 100)]
 
 
-def run_original(path: str, steps: int, order: int, model, cfg, cond, uncond, guidance):
+def run_original(path: str, steps: int, order: int, model, cfg, cond, uncond, guidance, noise):
     """-> (rounds, final latent [16, 16, 4]) from the authors' ParallelDDIM."""
     import importlib.machinery
     import types
@@ -72,8 +72,7 @@ def run_original(path: str, steps: int, order: int, model, cfg, cond, uncond, gu
     S = mod.ParallelDDIM(timesteps=steps, scheduler=sched, window_size=steps, eta=0.0,
                          cfg_scale=guidance, order=order, memory_size=2, tol1=1e-3, tol2=1e-3,
                          device="cpu", use_fp16=False)
-    g = torch.Generator().manual_seed(0)
-    S.initialize(noise=torch.randn(steps + 1, 4, 16, 16, generator=g, dtype=torch.float64))
+    S.initialize(noise=noise)
     # their main() passes cat([negative, positive]) and names them the other way round; the
     # two swaps cancel: [0] is the unconditional embedding
     S.set_prompt_emebds(torch.cat([uncond, cond]))
@@ -100,12 +99,11 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    import torch
 
     import conversion
     import jaxdiff
     from jaxdiff import guidance, solvers
-    from tiny import PARATAA_GUIDANCE, parataa_problem, rel_l2
+    from tiny import PARATAA_GUIDANCE, parataa_noise, parataa_problem, parataa_x_T, rel_l2
 
     m, cfg, c, u = parataa_problem()
     fn = guidance.classifier_free(conversion.convert(m), c.numpy(), u.numpy(), PARATAA_GUIDANCE)
@@ -119,9 +117,7 @@ def main(argv=None):
     for name, steps, window in CASES:
         if a.cases and f"{name}-{steps}" not in a.cases:
             continue
-        g = torch.Generator().manual_seed(0)
-        draws = torch.randn(steps + 1, 4, 16, 16, generator=g, dtype=torch.float64)
-        x_T = jnp.asarray(draws[-1].float().numpy().transpose(1, 2, 0)[None])
+        x_T = jnp.asarray(parataa_x_T(steps))
         s = solvers.from_diffusers(ddpm_cfg if name == "ddpm" else cfg, steps)
         key = jax.random.PRNGKey(0) if name == "ddpm" else None
         ref = np.asarray(jaxdiff.sample(fn, s, x_T, key=key))
@@ -137,7 +133,7 @@ def main(argv=None):
                 if a.original:
                     t0 = time.perf_counter()
                     r, x = run_original(a.original, steps, order, m, cfg, c, u,
-                                        PARATAA_GUIDANCE)
+                                        PARATAA_GUIDANCE, parataa_noise(steps))
                     original[(steps, order)] = (r, rel_l2(x[None], ref))
                     orig_note = f"run here ({time.perf_counter() - t0:.0f} s for the last)"
                 r, rel = original[(steps, order)]

@@ -357,19 +357,16 @@ def test_a_blown_up_guess_restarts_instead_of_stopping(method, inputs):
 def parataa_sd():
     """Issue 25's problem (tests/tiny.parataa_problem) converted, with x_T drawn as the
     authors' harness does (torch seed 0, the last of steps + 1 draws)."""
-    import torch
     import conversion
     from jaxdiff import guidance
-    from tiny import PARATAA_GUIDANCE, parataa_problem
+    from tiny import PARATAA_GUIDANCE, parataa_problem, parataa_x_T
 
     m, cfg, c, u = parataa_problem()
     fn = guidance.classifier_free(conversion.convert(m), c.numpy(), u.numpy(), PARATAA_GUIDANCE)
 
     @functools.lru_cache(maxsize=None)
     def case(steps):
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(steps + 1, 4, 16, 16, generator=g, dtype=torch.float64)
-        x_T = jnp.asarray(noise[-1].float().numpy().transpose(1, 2, 0)[None])
+        x_T = jnp.asarray(parataa_x_T(steps))
         s = solvers.from_diffusers(cfg, steps)
         return s, x_T, np.asarray(jaxdiff.sample(fn, s, x_T))
     return fn, case

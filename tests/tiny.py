@@ -121,6 +121,20 @@ def parataa_problem(seed=0):
     return m, dict(PARATAA_DDIM), cond, uncond
 
 
+def parataa_noise(steps):
+    """The authors' harness draws: torch seed 0, float64 [steps + 1, 4, 16, 16]; x_T is the
+    last (``parataa_x_T``)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(steps + 1, 4, 16, 16, generator=g, dtype=torch.float64)
+
+
+def parataa_x_T(steps):
+    """-> x_T [1, 16, 16, 4] float32 (NHWC) as the authors' harness starts."""
+    return parataa_noise(steps)[-1].float().numpy().transpose(1, 2, 0)[None].copy()
+
+
 def torch_vae(cfg=VAE_CONFIG, seed=0):
     import torch
     from diffusers import AutoencoderKL

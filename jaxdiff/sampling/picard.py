@@ -83,9 +83,14 @@ class NonFiniteError(FloatingPointError):
     """The model returned NaN/inf inside a Picard window (never treated as converged)."""
 
 
+def _multistep(solver) -> bool:
+    """Multistep solvers carry a data-prediction history through the window."""
+    return hasattr(solver, "picard_multistep")
+
+
 def _check_solver(solver):
     """Does the solver (already checked by the prelude) have a Picard split?"""
-    multistep = hasattr(solver, "picard_multistep")
+    multistep = _multistep(solver)
     try:
         if not hasattr(solver, "picard_variance"):
             raise NotImplementedError
@@ -108,7 +113,7 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, para
     n, W, p = solver.num_steps, window, parallel
     dtype = x_T.dtype
     per_sample = math.prod(x_T.shape[1:])
-    multistep = hasattr(solver, "picard_multistep")
+    multistep = _multistep(solver)
     x0 = (x_T * solver.init_noise_sigma).astype(dtype)
     buf = jnp.broadcast_to(x0, (n + W + 1,) + x0.shape)          # latents x_0 .. x_n (+ pad)
     warm = prior is not None       # a previous trajectory: every latent starts from it
@@ -117,10 +122,10 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, para
     noise = prelude.all_noise(mode, rand, n, x0.shape, dtype)
     noise = jnp.concatenate([noise, jnp.zeros((W,) + x0.shape, dtype)])
     var = jnp.asarray(solver.picard_variance(), jnp.float32)
-    # the latent leaving step k enters step k + 1: scale by that step's variance (0 at the end)
-    inv_norm = (1.0 / jnp.concatenate([var[1:], jnp.zeros((1,), jnp.float32)])) / per_sample
     if accept == "residual":    # ParaTAA's rule: the 1-step residual's RMS, every step alike
         inv_norm = jnp.full((n,), 1.0 / per_sample, jnp.float32)
+    else:   # the latent leaving step k enters step k + 1: scale by its variance (0 at the end)
+        inv_norm = (1.0 / jnp.concatenate([var[1:], jnp.zeros((1,), jnp.float32)])) / per_sample
     inv_norm = jnp.concatenate([inv_norm, jnp.zeros((W,), jnp.float32)])
     timesteps = jnp.asarray(solver.timesteps, jnp.float32)
     tol2 = jnp.square(jnp.asarray(tolerance, jnp.float32))
@@ -486,8 +491,7 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     if method != "taa" and (hold != "data" or accept != "trajectory"):
         raise ValueError(f"hold= and accept= are options of method='taa' (ParaTAA's step model "
                          f"and acceptance rule), not of {method!r}")
-    multistep = hasattr(solver, "picard_multistep")
-    if hold == "output" and multistep:
+    if hold == "output" and _multistep(solver):
         raise ValueError(f"hold='output' needs a single-step solver; {type(solver).__name__} is "
                          f"multistep and holds its data-prediction history")
     lam_f = float(lam)
@@ -518,9 +522,8 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     if isinstance(chunk, str) and chunk == "auto":
         platform = (mesh.devices.flat[0].platform if mesh is not None
                     else jax.default_backend())
-        # CPU: per-sample cost is flat from ~16 to a few hundred samples per call once
-        # attention is not the bottleneck (benchmarks/window_cost.py), and chunks let
-        # positions past the end be skipped: ~8 samples per call
+        # CPU: small calls (CPU_SAMPLES_PER_CALL's sweep), and chunks let positions past
+        # the end be skipped
         local = x_T.shape[0] // max(par.prompt_shards(mesh), 1)
         if isinstance(model_fn, ModelFn) and model_fn.uncond is not None:
             local *= 2             # guidance: the network sees both halves
