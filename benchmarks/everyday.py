@@ -176,7 +176,7 @@ def lora_part(repeats: int, rank: int = 32) -> str:
     from flax import nnx
 
     import conversion
-    from conversion.lora import _targets
+    from jaxdiff.lora import _targets
 
     unet = conversion.load_unet(make_sd15_unet_folder())
     dotted, _, shapes = _targets(unet)

@@ -3,7 +3,7 @@
 Importing this package does not import torch: safetensors are read with NumPy.
 """
 
-from conversion.checkpoint import is_checkpoint, load_model, save_model
+from jaxdiff.checkpoint import is_checkpoint, load_model, save_model
 from conversion.convert import ConversionError, convert, convert_state_dict, torch_key
 from conversion.loaders import (load_component, load_controlnet, load_pipeline,
                                 load_text_encoder, load_tiny_vae, load_tokenizer, load_unet,
@@ -11,7 +11,7 @@ from conversion.loaders import (load_component, load_controlnet, load_pipeline,
                                 read_config, read_weights)
 from conversion.lora import (LoraWeights, merge_lora, read_lora, read_safetensors_metadata,
                              read_textual_inversion)
-from conversion.safetensors_io import read_safetensors, write_safetensors
+from jaxdiff.safetensors_io import read_safetensors, write_safetensors
 
 __all__ = [
     "ConversionError", "LoraWeights", "convert", "convert_state_dict", "is_checkpoint",

@@ -20,11 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdiff.models.layers import abstract_params
-from jaxdiff.models import (AutoencoderKL, AutoencoderTiny, CLIPTextConfig, CLIPTextModel,
-                            CLIPTextModelWithProjection, ControlNetConfig, ControlNetModel,
-                            TinyAutoencoderConfig, UNet2DConditionModel, UNetConfig,
-                            VAEConfig)
+from jaxdiff.models.clip import CLIPTextConfig
+from jaxdiff.models.registry import MODELS, abstract_model as _abstract
+from jaxdiff.safetensors_io import aligned_empty as _aligned_empty
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -74,19 +72,10 @@ def _normalise_clip(sd: dict) -> dict:
     return out
 
 
-FAMILIES = {
-    "UNet2DConditionModel": Family("UNet2DConditionModel", UNet2DConditionModel, UNetConfig,
-                                   _normalise_unet),
-    "AutoencoderKL": Family("AutoencoderKL", AutoencoderKL, VAEConfig, _normalise_vae),
-    "AutoencoderTiny": Family("AutoencoderTiny", AutoencoderTiny, TinyAutoencoderConfig,
-                              _normalise_unet),
-    "ControlNetModel": Family("ControlNetModel", ControlNetModel, ControlNetConfig,
-                              _normalise_unet),
-    "CLIPTextModel": Family("CLIPTextModel", CLIPTextModel, CLIPTextConfig, _normalise_clip),
-    "CLIPTextModelWithProjection": Family("CLIPTextModelWithProjection",
-                                          CLIPTextModelWithProjection, CLIPTextConfig,
-                                          _normalise_clip),
-}
+_NORMALISE = {"AutoencoderKL": _normalise_vae, "CLIPTextModel": _normalise_clip,
+              "CLIPTextModelWithProjection": _normalise_clip}
+FAMILIES = {name: Family(name, model_cls, config_cls, _NORMALISE.get(name, _normalise_unet))
+            for name, (model_cls, config_cls) in MODELS.items()}
 
 
 def family_of(name: str) -> Family:
@@ -106,15 +95,6 @@ def _torch_shape(shape: tuple, leaf: str) -> tuple:
     if leaf == "kernel" and len(shape) == 2:   # (in, out) -> (out, in)
         return (shape[1], shape[0])
     return tuple(shape)
-
-
-def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
-    # XLA:CPU adopts 64-byte-aligned host buffers without copying (device_put is free).
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.empty(n + align, np.uint8)
-    offset = (-buf.ctypes.data) % align
-    return buf[offset:offset + n].view(dtype).reshape(shape)
 
 
 def _transpose_2d(src: np.ndarray, dst: np.ndarray, block: int = 128) -> None:
@@ -151,8 +131,7 @@ def _to_jax_layout(a: np.ndarray, leaf: str, dtype) -> np.ndarray:
 
 def abstract_model(family: Family, config, dtype=jnp.float32):
     """The model's structure with ShapeDtypeStructs for leaves: no weights materialised."""
-    with abstract_params():
-        return family.model_cls(config, dtype=dtype, rngs=nnx.Rngs(0))
+    return _abstract(family.model_cls, config, dtype)
 
 
 def convert_state_dict(family: Family | str, config, state_dict: Mapping[str, Any],
@@ -200,7 +179,7 @@ def convert_state_dict(family: Family | str, config, state_dict: Mapping[str, An
     return nnx.merge(graphdef, state)
 
 
-def _torch_to_numpy(t) -> np.ndarray:
+def torch_to_numpy(t) -> np.ndarray:
     import torch  # only reached when converting live torch modules
 
     t = t.detach().cpu()
@@ -217,5 +196,5 @@ def convert(torch_module, dtype=jnp.float32):
     cfg = torch_module.config
     cfg = dict(cfg) if family.config_cls is not CLIPTextConfig else cfg.to_dict()
     config = family.config_cls.from_dict(cfg)
-    sd = {k: _torch_to_numpy(v) for k, v in torch_module.state_dict().items()}
+    sd = {k: torch_to_numpy(v) for k, v in torch_module.state_dict().items()}
     return convert_state_dict(family, config, sd, dtype)

@@ -14,9 +14,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from conversion.checkpoint import is_checkpoint, load_model
+from jaxdiff.checkpoint import is_checkpoint, load_model
 from conversion.convert import FAMILIES, convert_state_dict, family_of
-from conversion.safetensors_io import read_safetensors
+from jaxdiff.safetensors_io import read_safetensors
 from jaxdiff.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
@@ -62,12 +62,12 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"{path} is a PyTorch pickle; install jaxdiff[torch] to read it, or "
                           "convert it to safetensors") from e
-    from conversion.convert import _torch_to_numpy
+    from conversion.convert import torch_to_numpy
 
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    return {k: _torch_to_numpy(v) for k, v in sd.items()}
+    return {k: torch_to_numpy(v) for k, v in sd.items()}
 
 
 def read_config(folder: str | os.PathLike) -> dict:

@@ -85,7 +85,7 @@ def _convert_one(src, dst, dtype, variant, class_name, overwrite, log):
 
 
 def _sample_digits(args) -> int:
-    from demos.digits import run_digits
+    from jaxdiff.zoo.digits.demo import run_digits
 
     labels = None
     try:
@@ -189,9 +189,9 @@ def main(argv=None) -> int:
         return _sample(args)
     if args.command == "demo":
         if args.conversion:
-            from demos.conversion import main as demo
+            from conversion.demo import main as demo
             return demo(Path(args.out_dir) / "demo")
-        from demos.digits import main as demo
+        from jaxdiff.zoo.digits.demo import main as demo
         return demo(args.out_dir)
     return 1
 

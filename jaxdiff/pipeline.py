@@ -133,7 +133,7 @@ class StableDiffusionPipeline:
     def load_lora_weights(self, path_or_state, adapter_name: Optional[str] = None,
                           scale: float = 1.0, *, fuse: Optional[bool] = None):
         """Load a LoRA (diffusers/PEFT or kohya file, folder or state dict; see
-        ``conversion.lora``) into the UNet and text encoder(s) as adapter ``adapter_name``
+        ``conversion.read_lora``) into the UNet and text encoder(s) as adapter ``adapter_name``
         (default ``"default_<k>"``), active at ``scale`` beside the adapters already active.
 
         Fused (the default mode): the active adapters are merged into the weights on the
@@ -143,9 +143,9 @@ class StableDiffusionPipeline:
         ``set_adapters`` changes scales without host work or recompiling. Keys without a
         component prefix go to the UNet; keys for a component this pipeline lacks, or that
         match no layer, raise ``ValueError`` (nothing is changed then)."""
-        import conversion.lora as L
+        from jaxdiff import lora as L
 
-        lora = L.read_lora(path_or_state)
+        lora = L.read(path_or_state)
         st = self._lora_state()
         name = adapter_name or f"default_{len(st.adapters)}"
         if name in st.adapters:
@@ -249,7 +249,7 @@ class StableDiffusionPipeline:
         names = [n for n in st.active if name in st.adapters[n]]
         if not names:
             return module
-        import conversion.lora as L
+        from jaxdiff import lora as L
 
         factors = []
         for n in names:
@@ -272,7 +272,7 @@ class StableDiffusionPipeline:
 
     def _apply_lora(self) -> None:
         """Set each adapted component to its base (unfused) or merged (fused) weights."""
-        import conversion.lora as L
+        from jaxdiff import lora as L
 
         st = self._lora
         for c, base in st.base.items():
@@ -303,9 +303,9 @@ class StableDiffusionPipeline:
         file's name. An embedding of n vectors adds the tokens ``token, token_1, ...,
         token_{n-1}`` (as diffusers) and a prompt's ``token`` stands for all of them.
         Raises if a token is already in a tokenizer or a width does not match its encoder."""
-        import conversion.lora as L
+        from jaxdiff import lora as L
 
-        token, tables = L.read_textual_inversion(path_or_state, token)
+        token, tables = L.read_embedding(path_or_state, token)
         if not token:
             raise ValueError("this embedding names no token: pass token=")
         names = ("text_encoder", "text_encoder_2")

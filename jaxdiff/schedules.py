@@ -444,4 +444,20 @@ __all__ = ["BETA_SCHEDULES", "TIMESTEP_SPACINGS", "Schedule", "alphas_cumprod",
            "sigma_timesteps", "sigma_to_t",
            "sigmas_from_alphas_cumprod", "vp_from_sigma",
            "COSINE_S", "COSINE_T_END", "CONTINUOUS_EPS", "NoiseScheduleVP", "VP_SCHEDULES",
-           "continuous_time", "interpolate", "model_input_time"]
+           "continuous_time", "interpolate", "model_input_time", "vp_grid_times"]
+
+
+def vp_grid_times(noise_schedule, t, t_next, network_times):
+    """A time grid on a continuous VP schedule, checked: (t, t_next, network times) as
+    arrays of the schedule's dtype; t, t_next [K] may be traced."""
+    dt = noise_schedule.dtype
+    t = jnp.asarray(t, dt)
+    t_next = jnp.asarray(t_next, dt)
+    if t.ndim != 1 or t.shape != t_next.shape or t.shape[0] < 1:
+        raise ValueError(f"t and t_next must be 1-D of the same non-zero length, got shapes "
+                         f"{tuple(t.shape)} and {tuple(t_next.shape)}")
+    times = t if network_times is None else jnp.asarray(network_times)
+    if times.shape != t.shape:
+        raise ValueError(f"network_times must have shape {tuple(t.shape)}, got "
+                         f"{tuple(times.shape)}")
+    return t, t_next, times

@@ -15,7 +15,8 @@ PACKAGES = ("jaxdiff", "conversion", "tuning", "demos")
 # same or a lower layer.
 LAYERS = [
     ("jaxdiff.models", 0), ("jaxdiff.schedules", 0), ("jaxdiff.schedule_files", 0),
-    ("jaxdiff.images", 0), ("jaxdiff.sampling.pytree", 0),
+    ("jaxdiff.images", 0), ("jaxdiff.sampling.pytree", 0), ("jaxdiff.safetensors_io", 0),
+    ("jaxdiff.checkpoint", 0), ("jaxdiff.lora", 0),
     ("conversion.convert", 1), ("conversion.safetensors_io", 1), ("conversion.checkpoint", 1),
     ("conversion.testing", 1), ("conversion.lora", 1),
     ("jaxdiff.solvers", 2), ("jaxdiff.guidance", 2), ("jaxdiff.parallel", 2),
@@ -24,7 +25,7 @@ LAYERS = [
     ("conversion.loaders", 5), ("conversion", 5),
     ("jaxdiff.zoo", 6),
     ("tuning", 7),
-    ("tuning.cli", 8), ("jaxdiff.cli", 8), ("demos", 8),
+    ("tuning.cli", 8), ("jaxdiff.cli", 8), ("demos", 8), ("conversion.demo", 8),
 ]
 
 
@@ -106,3 +107,74 @@ def test_the_checker_sees_function_level_imports(tmp_path, monkeypatch):
     found = [(t, line) for t, line in imports_of(pkg / "bad.py")]
     assert found == [("tuning", 2)]
     assert layer_of("jaxdiff.solvers.bad") < layer_of(found[0][0])
+
+
+SATELLITES = ("conversion", "tuning", "demos")
+
+
+def test_the_core_imports_no_satellite():
+    """Package level: nothing in ``jaxdiff`` (its CLI aside) imports ``conversion``, ``tuning``
+    or ``demos``, and nothing at all imports ``demos`` (its scripts call the library)."""
+    found = []
+    for path in sources():
+        mod = module_name(path)
+        for target, line in imports_of(path):
+            top = target.split(".")[0]
+            core = mod.split(".")[0] == "jaxdiff" and mod != "jaxdiff.cli"
+            if (core and top in SATELLITES) or (top == "demos" and not mod.startswith("demos")):
+                found.append(f"{path.relative_to(ROOT)}:{line} ({mod}) imports {target}")
+    assert not found, "imports of satellite packages:\n" + "\n".join(found)
+
+
+def private_uses(path: pathlib.Path):
+    """(module, name, line) for each private name (``_x``, not dunder) taken from another of
+    our modules: ``from m import _x`` and ``alias._x`` on an imported module."""
+    mod = module_name(path)
+    tree = ast.parse(path.read_text(), str(path))
+    ours = lambda m: m.split(".")[0] in PACKAGES  # noqa: E731
+    private = lambda n: n.startswith("_") and not n.startswith("__")  # noqa: E731
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if ours(a.name) and a.asname:
+                    aliases[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            targets = dict(imports_of_node(path, node))
+            for a in node.names:
+                target = targets[a.name]
+                if not ours(target):
+                    continue
+                if target.endswith("." + a.name):          # a submodule, bound by name
+                    aliases[a.asname or a.name] = target
+                elif private(a.name) and target != mod:
+                    yield target, a.name, node.lineno
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in aliases and private(node.attr)
+                and aliases[node.value.id] != mod):
+            yield aliases[node.value.id], node.attr, node.lineno
+
+
+def imports_of_node(path, node):
+    """(name as imported, the module it resolves to) for one ImportFrom node."""
+    mod = module_name(path)
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    base = node.module or ""
+    if node.level:
+        up = package.split(".")
+        up = up[:len(up) - (node.level - 1)]
+        base = ".".join(up + ([base] if base else []))
+    for a in node.names:
+        sub = f"{base}.{a.name}"
+        p = ROOT / pathlib.Path(*sub.split("."))
+        yield a.name, (sub if p.with_suffix(".py").exists() or (p / "__init__.py").exists()
+                       else base)
+
+
+def test_no_private_name_crosses_a_module():
+    """A name with a leading underscore is its module's own: another module that needs it
+    gets a public name (or the code moves)."""
+    found = [f"{p.relative_to(ROOT)}:{line} uses {m}.{n}" for p in sources()
+             for m, n, line in private_uses(p)]
+    assert not found, "private names used across modules:\n" + "\n".join(found)

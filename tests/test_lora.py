@@ -20,6 +20,7 @@ from flax import nnx
 
 import conversion
 from conversion import lora as L
+from jaxdiff import lora as lora_runtime
 from jaxdiff import solvers
 from jaxdiff.sampling import sequential
 from tiny import latents_and_images_error, nhwc, rel_l2, write_tiny_pipeline, write_tiny_sdxl
@@ -238,11 +239,11 @@ def test_two_adapters_merged_unmerged_and_no_recompile(sd):
     kw = dict(prompt=["the cat"], guidance_scale=5.0, num_inference_steps=3, solver="ddim",
               output_type="latent", seed=0)
     first = pipe(**kw)
-    caches = (sequential._run._cache_size(), L._lora_leaves._cache_size(),
+    caches = (sequential._run._cache_size(), lora_runtime._lora_leaves._cache_size(),
               pipe._jitted["text"]._cache_size())
     pipe.set_adapters(["a", "b"], [0.2, 0.9])
     second = pipe(**kw)
-    after = (sequential._run._cache_size(), L._lora_leaves._cache_size(),
+    after = (sequential._run._cache_size(), lora_runtime._lora_leaves._cache_size(),
              pipe._jitted["text"]._cache_size())
     assert after == caches, f"recompiled: {caches} -> {after}"
     assert rel_l2(first, second) > 1e-3
@@ -479,3 +480,17 @@ def test_textual_inversion_file_formats(tmp_path):
     assert tok == "<t>" and tables[None].shape == (2, 4)
     tok, tables = L.read_textual_inversion({"clip_l": np.zeros(3), "clip_g": np.zeros(5)})
     assert tok is None and tables["text_encoder_2"].shape == (1, 5)
+
+
+def test_the_core_reads_no_lora_file_itself(monkeypatch):
+    """Reading LoRA / embedding files is conversion's (a foreign format); without its readers
+    the core says so by name, and a parsed value needs none."""
+    monkeypatch.setattr(lora_runtime, "_READERS", {})
+    with pytest.raises(ValueError, match="import conversion"):
+        lora_runtime.read("adapter.safetensors")
+    with pytest.raises(ValueError, match="import conversion"):
+        lora_runtime.read_embedding("learned_embeds.safetensors")
+    weights = L.LoraWeights(())
+    assert lora_runtime.read(weights) is weights
+    rows = {None: np.zeros((1, 4), np.float32)}
+    assert lora_runtime.read_embedding(("tok", rows), None) == ("tok", rows)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models.layers import Conv2d
-from jaxdiff.models.unet import UNetConfig, UNetEncoderBase, _added
+from jaxdiff.models.unet import UNetConfig, UNetEncoderBase, added_conditioning
 
 _UP_OF = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 
@@ -85,7 +85,7 @@ class ControlNetModel(UNetEncoderBase):
         mid residual), scaled by ``conditioning_scale`` (guess mode: 0.1 .. 1 from the
         first skip to the mid block, diffusers' logspace)."""
         cfg = self.config
-        added_cond = _added(added_cond, added_cond_kwargs)
+        added_cond = added_conditioning(added_cond, added_cond_kwargs)
         self._check_inputs(sample, encoder_hidden_states)
         cond = jnp.asarray(controlnet_cond)
         f = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)

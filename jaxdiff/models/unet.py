@@ -328,7 +328,7 @@ class Encoded(NamedTuple):
     emb: jax.Array    # [B, T] time (+ class / added) embedding
 
 
-def _added(added_cond, added_cond_kwargs):
+def added_conditioning(added_cond, added_cond_kwargs):
     if added_cond is not None and added_cond_kwargs is not None:
         raise ValueError("pass added_cond or added_cond_kwargs (the same thing), not both")
     return added_cond if added_cond_kwargs is None else added_cond_kwargs
@@ -508,7 +508,7 @@ class UNet2DConditionModel(UNetEncoderBase):
 
     def encode(self, sample, timesteps, encoder_hidden_states, *, class_labels=None,
                added_cond=None, added_cond_kwargs=None) -> Encoded:
-        added_cond = _added(added_cond, added_cond_kwargs)
+        added_cond = added_conditioning(added_cond, added_cond_kwargs)
         self._check_inputs(sample, encoder_hidden_states)
         emb = self.time_embedding_of(timesteps, sample.shape[0], class_labels, added_cond)
         x = sample.astype(self.dtype)
@@ -534,5 +534,5 @@ class UNet2DConditionModel(UNetEncoderBase):
         SDXL: ``added_cond`` (or diffusers' spelling ``added_cond_kwargs``) =
         {'text_embeds': [B, D], 'time_ids': [B, 6]}."""
         enc = self.encode(sample, timesteps, encoder_hidden_states, class_labels=class_labels,
-                          added_cond=_added(added_cond, added_cond_kwargs))
+                          added_cond=added_conditioning(added_cond, added_cond_kwargs))
         return self.decode(enc.skips, enc.mid, enc.emb, encoder_hidden_states)

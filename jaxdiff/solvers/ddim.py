@@ -119,21 +119,6 @@ def build(cfg, num_inference_steps: int, eta: float = 0.0,
                 sample_max_value=float(cfg["sample_max_value"]))
 
 
-def _vp_grid(noise_schedule, t, t_next, network_times):
-    """(t, t_next, timesteps) as arrays of the schedule's dtype; t, t_next [K] may be traced."""
-    dt = noise_schedule.dtype
-    t = jnp.asarray(t, dt)
-    t_next = jnp.asarray(t_next, dt)
-    if t.ndim != 1 or t.shape != t_next.shape or t.shape[0] < 1:
-        raise ValueError(f"t and t_next must be 1-D of the same non-zero length, got shapes "
-                         f"{tuple(t.shape)} and {tuple(t_next.shape)}")
-    times = t if network_times is None else jnp.asarray(network_times)
-    if times.shape != t.shape:
-        raise ValueError(f"network_times must have shape {tuple(t.shape)}, got "
-                         f"{tuple(times.shape)}")
-    return t, t_next, times
-
-
 def on_vp_grid(noise_schedule, t, t_next, *, eta=0.0, prediction_type: str = "epsilon",
                network_times=None) -> DDIM:
     """DDIM on any time grid of a continuous-time VP schedule: step i moves from t[i] to
@@ -150,7 +135,7 @@ def on_vp_grid(noise_schedule, t, t_next, *, eta=0.0, prediction_type: str = "ep
     if prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     ns = noise_schedule
-    t, t_next, times = _vp_grid(ns, t, t_next, network_times)
+    t, t_next, times = schedules.vp_grid_times(ns, t, t_next, network_times)
     a_t, a_s = ns.marginal_alpha(t), ns.marginal_alpha(t_next)
     sig_t, sig_s = ns.marginal_std(t), ns.marginal_std(t_next)
     stochastic = not (isinstance(eta, (int, float)) and not isinstance(eta, bool)

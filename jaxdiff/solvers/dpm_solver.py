@@ -332,14 +332,13 @@ def on_vp_grid(noise_schedule, t, t_next, *, order: int = 2, lower_order_final: 
     the K start times and the final time (ParaDiGMS' tolerance scale). ``timesteps``
     (what drivers pass to the model) are the continuous times t, or ``network_times`` [K].
     """
-    from jaxdiff.solvers.ddim import _vp_grid
     if isinstance(order, bool) or order not in (1, 2):
         raise ValueError(f"DPM-Solver++ on a VP grid: order must be 1 or 2 (multistep 2M), "
                          f"got {order!r}")
     if prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     ns = noise_schedule
-    t, t_next, times = _vp_grid(ns, t, t_next, network_times)
+    t, t_next, times = schedules.vp_grid_times(ns, t, t_next, network_times)
     k = int(t.shape[0])
     second = jnp.asarray(np.asarray(step_orders(k, order, bool(lower_order_final), False,
                                                 False)) == 2)

@@ -127,7 +127,7 @@ class DigitsPipeline:
 
 def load(directory: Union[str, Path, None] = None) -> DigitsPipeline:
     """The committed model (or one exported by ``train`` into ``directory``)."""
-    from conversion import load_model
+    from jaxdiff.checkpoint import load_model
     directory = Path(directory) if directory is not None else WEIGHTS_DIR
     unet = load_model(directory / "unet")
     cfg_path = directory / "scheduler_config.json"

@@ -5,7 +5,7 @@ dropout to the null label (so one network serves classifier-free guidance), and 
 checkpoints every ``--ckpt-every`` steps. Rerunning the same command resumes from the latest
 checkpoint in ``DIR/checkpoints``; batches and noise are derived from ``(seed, step)`` so a
 resumed run sees the same data as an uninterrupted one. At the end the EMA weights are
-written to ``DIR/unet`` (``conversion.save_model``) with ``DIR/scheduler_config.json``:
+written to ``DIR/unet`` (``jaxdiff.checkpoint.save_model``) with ``DIR/scheduler_config.json``:
 ``--out jaxdiff/zoo/digits/weights`` refreshes the shipped model.
 """
 
@@ -172,7 +172,7 @@ def train(out, steps: int, seed: int = 0, *, batch_size: int = 64, lr: float = 2
 
 
 def export_model(unet, out, summary: dict | None = None) -> None:
-    from conversion import save_model
+    from jaxdiff.checkpoint import save_model
     out = Path(out)
     save_model(unet, out / "unet", overwrite=True)
     (out / "scheduler_config.json").write_text(
