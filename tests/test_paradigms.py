@@ -388,3 +388,31 @@ def test_parataa_rounds_on_the_authors_problem(steps, kw, rounds, agreement, par
     x, st = jaxdiff.paradigms(fn, s, x_T, parallel=steps, method="taa", **kw)
     assert st.iterations <= rounds, st.iterations
     assert rel_l2(x, ref) <= agreement
+
+
+def test_methods_are_values(inputs):
+    """A method value and its keyword form are one method: equal samplers, the same sample
+    and round count; ParaTAA's lam is traced (no recompile); solvers declare their Picard
+    support instead of being probed."""
+    from jaxdiff.sampling import ParaTAA, Paradigms, ParaSolver, Picard
+    x_T, noise = inputs
+    s = solvers.make("ddpm", SCHEDULE, STEPS)
+    assert Picard(method="taa", order=3, lam=1e-2) == Picard(method=ParaTAA(order=3, lam=1e-2))
+    assert Picard().method == Paradigms() and Picard(method="parasolver").method == ParaSolver()
+    a, sa = jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.01, noise=noise,
+                              method="taa", order=3)
+    b, sb = jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.01, noise=noise,
+                              method=ParaTAA(order=3))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sa.iterations == sb.iterations
+    before = para_mod._run._cache_size()
+    jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.01, noise=noise,
+                      method=ParaTAA(order=3, lam=0.1))
+    assert para_mod._run._cache_size() == before
+    with pytest.raises(ValueError, match="go into the method value"):
+        jaxdiff.paradigms(model_fn, s, x_T, parallel=4, tolerance=0.01, noise=noise,
+                          method=ParaTAA(), order=2)
+    declared = [solvers.make(n, SCHEDULE, STEPS, **o).picard for n, o in [
+        ("ddim", {}), ("dpm++", {}), ("unipc", {}), ("deis", dict(solver_order=2)),
+        ("deis", dict(solver_order=1))]]
+    assert declared == ["single", "multistep", None, None, "single"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,9 @@ from jaxdiff import parallel as par
 from jaxdiff.guidance import ModelFn
 from jaxdiff.sampling import prelude
 from jaxdiff.sampling import progress as prog
+from jaxdiff.sampling.picard_methods import (ACCEPTS, HOLDS, METHODS, Loop, ParaSolver,  # noqa: F401
+                                            ParaTAA, Paradigms, PicardMethod, Round,
+                                            picard_method)
 from jaxdiff.sampling.pytree import combine, partition
 
 
@@ -70,9 +73,6 @@ class ParadigmsStats:
         return self.num_steps / max(self.iterations, 1)
 
 
-METHODS = ("paradigms", "parasolver", "taa")
-HOLDS = ("data", "output")           # taa: what each step's model holds at the iterate
-ACCEPTS = ("trajectory", "residual")    # taa: which residual the tolerance is compared with
 # chunk="auto" on CPU: window positions per call x batch. Tiny SD UNet, DDPM-1000, window
 # 100, guidance (2 samples per position), warm medians: 8 samples per call 19.4 s, 12 20.0,
 # 16 21.1, 24 22.9, 32 23.1, 50 22.1, 100 22.1, the whole window 25.9 (2026-12-04)
@@ -83,37 +83,38 @@ class NonFiniteError(FloatingPointError):
     """The model returned NaN/inf inside a Picard window (never treated as converged)."""
 
 
-def _multistep(solver) -> bool:
-    """Multistep solvers carry a data-prediction history through the window."""
-    return hasattr(solver, "picard_multistep")
+class LoopState(NamedTuple):
+    """The Picard loop's carry."""
+
+    begin: jax.Array          # the window's first step (steps before it are accepted)
+    round: jax.Array
+    evaluations: jax.Array    # window positions evaluated so far
+    latents: jax.Array        # [n + W + 1, ...] the latents entering steps 0 .. n (+ pad)
+    preds: jax.Array          # [n + W, ...] data predictions (multistep solvers) or ()
+    begins: jax.Array         # [n] the window start of each round
+    errors: jax.Array         # [n, parallel] each round's change / tolerance^2
+    bad: jax.Array            # the step whose model output was NaN/inf, or -1
+    method: Any               # the method's own state (a NamedTuple)
 
 
 def _check_solver(solver):
-    """Does the solver (already checked by the prelude) have a Picard split?"""
-    multistep = _multistep(solver)
-    try:
-        if not hasattr(solver, "picard_variance"):
-            raise NotImplementedError
-        solver.picard_variance()
-        if not multistep:
-            solver.picard_terms(0, jnp.zeros((1, 1)), jnp.zeros((1, 1)))
-    except NotImplementedError:
-        raise ValueError(f"ParaDiGMS supports DDPM, DDIM, Euler, Euler ancestral and "
-                         f"DPM-Solver++; {type(solver).__name__} has no Picard split") from None
+    """Does the solver declare a Picard split?"""
+    if getattr(solver, "picard", None) not in ("single", "multistep"):
+        why = getattr(solver, "picard_unsupported", None)
+        raise ValueError(f"ParaDiGMS supports DDPM, DDIM, Euler, Euler ancestral, DEIS order 1 "
+                         f"and DPM-Solver++; {type(solver).__name__} has no Picard split"
+                         + (f" ({why})" if why else ""))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "window", "parallel", "mode", "mesh",
-                                             "progress", "chunk", "leaf_specs", "method",
-                                             "warmup", "order", "history", "start",
-                                             "trajectory", "every", "hold", "accept"))
-def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, parallel, mode,
-         mesh, progress, chunk, leaf_specs, method, warmup, order, history, start, trajectory,
-         every, hold, accept):
-    model_fn, solver = combine(dynamic, spec)
+                                             "progress", "chunk", "leaf_specs", "warmup",
+                                             "start", "trajectory", "every"))
+def _run(dynamic, x_T, rand, tolerance, prior, token, *, spec, window, parallel, mode, mesh,
+         progress, chunk, leaf_specs, warmup, start, trajectory, every):
+    model_fn, solver, method = combine(dynamic, spec)
     n, W, p = solver.num_steps, window, parallel
     dtype = x_T.dtype
     per_sample = math.prod(x_T.shape[1:])
-    multistep = _multistep(solver)
     x0 = (x_T * solver.init_noise_sigma).astype(dtype)
     buf = jnp.broadcast_to(x0, (n + W + 1,) + x0.shape)          # latents x_0 .. x_n (+ pad)
     warm = prior is not None       # a previous trajectory: every latent starts from it
@@ -121,176 +122,35 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, para
         buf = buf.at[:n + 1].set(prior.astype(dtype))
     noise = prelude.all_noise(mode, rand, n, x0.shape, dtype)
     noise = jnp.concatenate([noise, jnp.zeros((W,) + x0.shape, dtype)])
+    loop = Loop(solver, n, W, x0, mode, noise)
+    multistep, hist_len, bcast, pos = loop.multistep, loop.hist_len, loop.bcast, loop.pos
     var = jnp.asarray(solver.picard_variance(), jnp.float32)
-    if accept == "residual":    # ParaTAA's rule: the 1-step residual's RMS, every step alike
-        inv_norm = jnp.full((n,), 1.0 / per_sample, jnp.float32)
-    else:   # the latent leaving step k enters step k + 1: scale by its variance (0 at the end)
-        inv_norm = (1.0 / jnp.concatenate([var[1:], jnp.zeros((1,), jnp.float32)])) / per_sample
-    inv_norm = jnp.concatenate([inv_norm, jnp.zeros((W,), jnp.float32)])
+    inv_norm = jnp.concatenate([method.inverse_norm(loop, var, per_sample),
+                                jnp.zeros((W,), jnp.float32)])
     timesteps = jnp.asarray(solver.timesteps, jnp.float32)
     tol2 = jnp.square(jnp.asarray(tolerance, jnp.float32))
     # only the model function's array leaves cross the shard_map boundary
     m_dynamic, m_spec = partition(model_fn)
     evaluate = par.window_evaluator(lambda leaves, x, t: combine(leaves, m_spec)(x, t), mesh,
                                     chunk=chunk, leaf_specs=leaf_specs)
-    pos = jnp.arange(W, dtype=jnp.int32)
-
-    def bcast(v, like):  # [W] -> [W, 1, ...]
-        return v.reshape(v.shape + (1,) * (like.ndim - 1))
-
-    k_res = min(order, W)          # ParaTAA's residual order (steps carried exactly)
-    if multistep:                  # data predictions each multistep update reads
-        hist_len = int(solver.picard_history)
-        preds0 = jnp.zeros((n + W,) + x0.shape, jnp.float32)
-    else:
-        hist_len, preds0 = 0, jnp.zeros((), jnp.float32)
-    taa = method == "taa"
-    mh = max(history - 1, 1)       # stored past iterates per step (ring, newest last)
-    hist_x0 = jnp.zeros((n + W + 1, mh) + x0.shape, jnp.float32) if taa else jnp.zeros(())
-    count0 = jnp.zeros((n + W + 1,), jnp.int32)
+    preds0 = jnp.zeros((n + W,) + x0.shape, jnp.float32) if multistep else \
+        jnp.zeros((), jnp.float32)
     bsz = x0.shape[0]
-
-    def dot(a, b):  # per-sample inner products over the trailing axes: [..., B, ...] -> [..., B]
-        lead = a.ndim - x0.ndim + 1
-        return jnp.sum((a * b).reshape(a.shape[:lead] + (-1,)), axis=-1)
-
-    def increment(drift, scale, z):
-        """A Picard split's move drift + noise_scale * z, in float32 (no noise without
-        randomness)."""
-        inc = drift.astype(jnp.float32)
-        if mode != "none":
-            scale = jnp.asarray(scale, jnp.float32)
-            inc = inc + scale.reshape(scale.shape + (1,) * (z.ndim - scale.ndim)) * \
-                z.astype(jnp.float32)
-        return inc
-
-    def frozen_step(q, x, out_q, hist_q, z_q):
-        """Step q from x with the model output (multistep: the history) frozen."""
-        if multistep:
-            return solver.picard_step(q, x.astype(dtype), hist_q, z_q).astype(jnp.float32)
-        return solver.step(solver.init(x), q, x.astype(dtype), out_q, z_q)[0].astype(jnp.float32)
-
-    def taa_update(buf, begin, valid, idc, xw, out, hist, z, hx, hr, cnt):
-        """ParaTAA (Tang et al. 2024): the order-k residual (k steps from the latent k below,
-        each frozen at the current iterate as below), then triangular Anderson acceleration
-        over the last ``history`` iterates of every step: Gamma_j from the residual
-        differences of the window's positions up to j.
-        -> (new latents [W], order-k residuals [W], history)."""
-        X = jnp.concatenate([xw, jax.lax.dynamic_slice_in_dim(buf, begin + W, 1)]
-                            ).astype(jnp.float32)                              # [W + 1]
-        j = jnp.arange(1, W + 1)
-        hq = hist if multistep else jnp.zeros((W,))
-        # How each step depends on x away from the iterate (the fixed point is the same either
-        # way; only the speed of convergence differs). hold "output": the model output frozen
-        # at the iterate, ParaTAA's model: for DDIM an exact linear map with DDIM's own
-        # coefficients. hold "data": the data prediction frozen (ParaSolver's extrapolation),
-        # anchored at the iterate to the solver's exact step; needed where the data
-        # prediction is clipped or thresholded: there the frozen-output step has no
-        # x-dependence left, while the true step carries x nearly one to one (digits DDIM-50,
-        # clip_sample, window 16, tolerance 0.01: 48 rounds frozen output with the 1-step
-        # acceptance, 13 frozen data with the order-k acceptance). Multistep solvers freeze
-        # their data-prediction history.
-        g0 = jax.vmap(frozen_step)(idc, X[:-1], out, hq, z)                  # exact steps
-        if multistep or hold == "output":
-            def move(Zs):
-                return jax.vmap(frozen_step)(idc, Zs, out, hq, z)
-        else:
-            d_w = jax.vmap(solver.data_prediction)(idc, xw, out).astype(dtype)
-            held = jax.vmap(lambda q, x, d, zq: extrapolate(q, x, d, zq).astype(jnp.float32))
-            base = held(idc, X[:-1], d_w, z)
-
-            def move(Zs):
-                return g0 + held(idc, Zs, d_w, z) - base
-
-        def stage(r, Z):    # Z[j] <- step_{j-1}(Z[j-1]) while the composition reaches j - r
-            moved = move(Z[:-1])
-            return Z.at[1:].set(jnp.where(bcast(j >= r, moved), moved, Z[1:]))
-
-        Z1 = X.at[1:].set(g0)
-        ok = valid                                   # the latent leaving window position w exists
-        Zk = jax.lax.fori_loop(2, k_res + 1, stage, Z1) if k_res > 1 else Z1
-        R = jnp.where(bcast(ok, X[1:]), Zk[1:] - X[1:], 0.0)
-        Xn = X[1:]
-        hx_w = jax.lax.dynamic_slice_in_dim(hx, begin + 1, W)                  # [W, mh, ...]
-        hr_w = jax.lax.dynamic_slice_in_dim(hr, begin + 1, W)
-        c_w = jax.lax.dynamic_slice_in_dim(cnt, begin + 1, W)
-        # differences between consecutive iterates: (stored..., current), newest last
-        xs = jnp.concatenate([hx_w, Xn[:, None]], axis=1)                      # [W, mh + 1]
-        rs = jnp.concatenate([hr_w, R[:, None]], axis=1)
-        dX, dR = xs[:, 1:] - xs[:, :-1], rs[:, 1:] - rs[:, :-1]                 # [W, mh, ...]
-        have = jnp.minimum(c_w, mh)                                            # usable diffs
-        use = (jnp.arange(mh)[None, :] >= mh - have[:, None]) & ok[:, None]    # [W, mh]
-        if history < 2:
-            use = jnp.zeros_like(use)
-        um = use.reshape(use.shape + (1,) * x0.ndim)
-        dR, dX = jnp.where(um, dR, 0.0), jnp.where(um, dX, 0.0)
-        B = dot(dR[:, :, None], dR[:, None, :])                                # [W, mh, mh, B]
-        dv = dot(dR, R[:, None])                                               # [W, mh, B]
-        B, dv = jnp.cumsum(B, axis=0), jnp.cumsum(dv, axis=0)   # triangular: positions <= j
-        u2 = (use[:, :, None] & use[:, None, :])[..., None]
-        eye = jnp.eye(mh)[None, :, :, None]
-        Bm = jnp.where(u2, B, 0.0)
-        scale_b = jnp.maximum(jnp.trace(Bm, axis1=1, axis2=2)[:, None, None, :] / mh, 1e-20)
-        A = Bm + lam * scale_b * eye + jnp.where(u2, 0.0, eye)   # lam relative to |dR|^2
-        rhs = jnp.where(use[..., None], dv, 0.0)
-        gamma = jnp.linalg.solve(jnp.moveaxis(A, -1, 1),
-                                 jnp.moveaxis(rhs, -1, 1)[..., None])[..., 0]  # [W, B, mh]
-        gamma = jnp.where(use[:, None, :], gamma, 0.0)
-        g = jnp.moveaxis(gamma, 1, -1)                                         # [W, mh, B]
-        corr = jnp.sum((dX + dR) * g.reshape(g.shape + (1,) * (x0.ndim - 1)), axis=1)
-        new = (Xn + R - corr).at[0].set(Z1[1])  # the first step: exact from the accepted one
-        push = lambda h, v: jnp.where(  # noqa: E731
-            bcast(ok, h), jnp.concatenate([h[:, 1:], v[:, None]], 1), h)
-        hx = jax.lax.dynamic_update_slice_in_dim(hx, push(hx_w, Xn), begin + 1, 0)
-        hr = jax.lax.dynamic_update_slice_in_dim(hr, push(hr_w, R), begin + 1, 0)
-        cnt = jax.lax.dynamic_update_slice_in_dim(cnt, c_w + ok.astype(jnp.int32), begin + 1, 0)
-        # accept "trajectory": the order-k residual against each step's noise std; for k = the
-        # window it estimates each latent's error given the accepted start, as ParaDiGMS's
-        # cumulative change does (the 1-step residual accepted ~5x larger errors at the same
-        # relative tolerance). accept "residual": ParaTAA's rule, the 1-step residual.
-        if accept == "residual":
-            return new.astype(dtype), jnp.where(bcast(ok, X[1:]), Z1[1:] - X[1:], 0.0), \
-                hx, hr, cnt
-        return new.astype(dtype), R, hx, hr, cnt
-
-    def paradigms_update(idc, xw, out, valid, hist, z, old):
-        """ParaDiGMS: the frozen increments summed from the window's start -> (new latents
-        [W], their change since the last round)."""
-        if multistep:
-            drift, scale = jax.vmap(solver.picard_multistep)(idc, xw, hist)
-        else:
-            drift, scale = jax.vmap(solver.picard_terms)(idc, xw, out)
-        inc = increment(drift, scale, z)
-        inc = jnp.where(bcast(valid & (pos > 0), inc), inc, 0.0)
-        # The window's first step starts from an accepted latent: take it with the solver's
-        # own step (bit-identical to sequential sampling), then add the later increments.
-        first = frozen_step(idc[0], xw[0], out[0], hist[0] if multistep else None, z[0])
-        new = (first[None] + jnp.cumsum(inc, axis=0)).astype(dtype)
-        return new, (new - old).astype(jnp.float32)
 
     def width(begin):   # the window: one step at a time during the warm-up
         return jnp.where(begin < warmup, 1, p)
 
-    def extrapolate(q, x, x0_hat, z):
-        """ParaSolver: the latent after step q from x with the data prediction held at x0_hat
-        (the solver's own step, fed the model output that predicts x0_hat)."""
-        if multistep:
-            hist = jnp.broadcast_to(x0_hat, (hist_len,) + x0_hat.shape)
-            drift, scale = solver.picard_multistep(q, x, hist)
-        else:
-            drift, scale = solver.picard_terms(q, x, solver.output_for_x0(q, x, x0_hat))
-        return (x.astype(jnp.float32) + increment(drift, scale, z)).astype(dtype)
-
-    def body(c):
-        begin, it, evals, buf, preds, begins, errors, bad, hx, hr, cnt = c
+    def body(c: LoopState) -> LoopState:
+        begin, buf, preds = c.begin, c.latents, c.preds
         pe = width(begin)
         idx = begin + pos
         valid = (idx < n) & (pos < pe)
         idc = jnp.minimum(idx, n - 1)
         xw = jax.lax.dynamic_slice_in_dim(buf, begin, W)                  # [W, B, ...]
-        t = jnp.broadcast_to(timesteps[idc][:, None], (W, x0.shape[0]))
+        t = jnp.broadcast_to(timesteps[idc][:, None], (W, bsz))
         xin = jax.vmap(solver.scale_model_input)(xw, idc)
         out = evaluate(m_dynamic, xin, t, valid)
+        hist = d = None
         if multistep:
             d = jax.vmap(solver.data_prediction)(idc, xw, out).astype(jnp.float32)
             old_d = jax.lax.dynamic_slice_in_dim(preds, begin, W)
@@ -302,12 +162,8 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, para
             hist = jnp.where((src >= 0).reshape(src.shape + (1,) * x0.ndim), hist, 0.0)
         z = jax.lax.dynamic_slice_in_dim(noise, begin, W)
         old = jax.lax.dynamic_slice_in_dim(buf, begin + 1, W)
-        if taa:
-            new, diff, hx, hr, cnt = taa_update(buf, begin, valid, idc, xw, out,
-                                                 hist if multistep else None, z, hx, hr, cnt)
-        else:
-            new, diff = paradigms_update(idc, xw, out, valid, hist if multistep else None, z,
-                                         old)
+        r = Round(begin, valid, idc, xw, out, hist, d, z, old, buf)
+        new, diff, mstate = method.update(loop, c.method, r)
         err = jnp.sum(jnp.square(diff).reshape(W, bsz, -1), axis=-1)       # [W, B]
         ratio = err * jax.lax.dynamic_slice_in_dim(inv_norm, begin, W)[:, None]
         # NaN/inf: at the window's first position (one exact step from an accepted latent)
@@ -333,39 +189,19 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, para
         new_end = jnp.minimum(new_begin + width(new_begin), n)
         seg = jax.lax.dynamic_slice_in_dim(buf, end, W + 1)
         fill = jnp.arange(W + 1) <= new_end - end
-        if method in ("parasolver", "taa"):
-            # chain the solver's steps from x_end with the data prediction of the window's
-            # last evaluated position held fixed (ParaSolver's DDIM/DDPM extrapolation)
-            last = jnp.clip(end - begin - 1, 0, W - 1)
-            x0_hat = (d[last] if multistep else
-                      solver.data_prediction(idc[last], xw[last], out[last])).astype(dtype)
-            zs = jax.lax.dynamic_slice_in_dim(noise, end, W)
-
-            def chain(x, j):
-                q = jnp.minimum(end + j, n - 1)
-                x_next = extrapolate(q, x, x0_hat, zs[j])
-                return x_next, x_next
-
-            _, xs = jax.lax.scan(chain, buf[end], jnp.arange(W, dtype=jnp.int32))
-            guess = jnp.concatenate([buf[end][None], xs])
-        else:   # ParaDiGMS: a copy of the window's last latent
-            guess = jnp.broadcast_to(buf[end][None], seg.shape)
         if not warm:    # (a warm start keeps the previous trajectory's latents as guesses)
-            seg = jnp.where(bcast(fill, seg), guess, seg)
+            seg = jnp.where(bcast(fill, seg), method.guess(loop, r, buf, end), seg)
             buf = jax.lax.dynamic_update_slice_in_dim(buf, seg, end, 0)
-        begins = begins.at[it].set(begin)
-        errors = errors.at[it].set(jnp.where(valid, jnp.max(ratio, axis=1) / tol2, jnp.nan)[:p])
         prog.report(progress, jnp.minimum(new_begin, n), n)
         accepted = jnp.minimum(new_begin, n)
         prog.notify(every, token, begin, accepted, n, timesteps, buf[accepted])
-        if taa:   # positions seen for the first time (or restarted) start a fresh history
-            c_w = jax.lax.dynamic_slice_in_dim(cnt, begin + 1, W)
-            cnt = jax.lax.dynamic_update_slice_in_dim(cnt, jnp.where(blown, 0, c_w), begin + 1, 0)
-            c_seg = jax.lax.dynamic_slice_in_dim(cnt, end + 1, W)
-            cnt = jax.lax.dynamic_update_slice_in_dim(
-                cnt, jnp.where(fill[1:], 0, c_seg), end + 1, 0)
-        return (new_begin, it + 1, evals + jnp.sum(valid.astype(jnp.int32)), buf, preds,
-                begins, errors, bad, hx, hr, cnt)
+        return LoopState(
+            begin=new_begin, round=c.round + 1,
+            evaluations=c.evaluations + jnp.sum(valid.astype(jnp.int32)), latents=buf,
+            preds=preds, begins=c.begins.at[c.round].set(begin),
+            errors=c.errors.at[c.round].set(
+                jnp.where(valid, jnp.max(ratio, axis=1) / tol2, jnp.nan)[:p]),
+            bad=bad, method=method.fresh(loop, mstate, begin, end, blown, fill))
 
     if warm and multistep and start > 0:
         # the steps kept from the previous trajectory feed the first re-solved multistep
@@ -376,25 +212,29 @@ def _run(dynamic, x_T, rand, tolerance, lam, prior, token, *, spec, window, para
             out_q = model(xq, jnp.full((bsz,), timesteps[q]))
             preds0 = preds0.at[q].set(solver.data_prediction(q, buf[q], out_q)
                                       .astype(jnp.float32))
-    init = (jnp.int32(start), jnp.int32(0), jnp.int32(0), buf, preds0,
-            jnp.full((n,), -1, jnp.int32), jnp.full((n, p), jnp.nan, jnp.float32),
-            jnp.int32(-1), hist_x0, hist_x0, count0)
-    begin, it, evals, buf, _, begins, errors, bad, *_ = jax.lax.while_loop(
-        lambda c: (c[0] < n) & (c[7] < 0), body, init)
+    init = LoopState(begin=jnp.int32(start), round=jnp.int32(0), evaluations=jnp.int32(0),
+                     latents=buf, preds=preds0, begins=jnp.full((n,), -1, jnp.int32),
+                     errors=jnp.full((n, p), jnp.nan, jnp.float32), bad=jnp.int32(-1),
+                     method=method.init(loop))
+    final = jax.lax.while_loop(lambda c: (c.begin < n) & (c.bad < 0), body, init)
+    buf = final.latents
     x_final = buf[n]
     if mesh is not None:   # every process can read the result, whatever the batch layout
         x_final = jax.lax.with_sharding_constraint(
             x_final, jax.sharding.NamedSharding(mesh, par.P()))
     traj = buf[:n + 1] if trajectory else None
-    return x_final, (it, evals, begins, errors, bad, traj)
+    return x_final, (final.round, final.evaluations, final.begins, final.errors, final.bad,
+                     traj)
 
 
 def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: float,
               key: Optional[jax.Array] = None, noise: Optional[jax.Array] = None,
               mesh=None, progress: Union[bool, Callable] = False,
-              chunk: Union[int, str, None] = "auto", method: str = "paradigms",
-              warmup: Optional[int] = None, order: Optional[int] = None, history: int = 2,
-              lam: float = 1e-3, hold: str = "data", accept: str = "trajectory",
+              chunk: Union[int, str, None] = "auto",
+              method: Union[str, PicardMethod] = "paradigms",
+              warmup: Optional[int] = None, order: Optional[int] = None,
+              history: Optional[int] = None, lam: Optional[float] = None,
+              hold: Optional[str] = None, accept: Optional[str] = None,
               init: Optional[jax.Array] = None,
               resolve: Optional[int] = None, trajectory: bool = False,
               callback: Optional[prog.StepCallback] = None, callback_steps: int = 1):
@@ -423,7 +263,10 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     ``callback(step, timestep, latents)``: as for ``sample``, with the steps as they are
     accepted: after a round that accepts a step that is a multiple of ``callback_steps``,
     it gets the newest accepted step and its latents (and always the last step).
-    ``method``: how positions entering the window for the first time are initialised:
+    ``method``: a Picard method value (``Paradigms()``, ``ParaSolver()``, ``ParaTAA(order,
+    history, lam, hold, accept)``, ``jaxdiff.sampling.picard_methods``) or its name with the
+    ParaTAA options as keywords (the forms are the same method). By name:
+    how positions entering the window for the first time are initialised:
     "paradigms" (a copy of the window's last latent, Shih et al. 2023) or "parasolver" (Lu et
     al. 2025: the solver's own steps from that latent with the data prediction of the
     window's last evaluated position held fixed; for DDIM the DDIM jump). The fixed point,
@@ -467,36 +310,15 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     tol = float(tolerance)
     if not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
-    if method not in METHODS:
-        raise ValueError(f"unknown Picard method {method!r}; jaxdiff implements {list(METHODS)}")
+    method = picard_method(method, order=order, history=history, lam=lam, hold=hold,
+                           accept=accept)
+    method.check(solver)
     if warmup is None:
-        warmup = 0 if method == "paradigms" else 1
+        warmup = method.default_warmup
     if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative int (sequential steps before the "
                          f"window opens), got {warmup!r}")
     warmup = min(int(warmup), n)
-    if order is not None and (isinstance(order, bool) or not isinstance(order, (int, np.integer))
-                              or order < 1):
-        raise ValueError(f"order must be None (the whole window) or a positive int, got "
-                         f"{order!r}")
-    if isinstance(history, bool) or history not in (1, 2):
-        # history >= 3 (two or more residual differences) was unstable on the digits model
-        # in float32 (NaN at the last low-noise steps): not offered until it is made robust
-        raise ValueError(f"history must be 1 (no Anderson acceleration) or 2 (ParaTAA's m = 2: "
-                         f"one scalar Gamma per step), got {history!r}")
-    if hold not in HOLDS:
-        raise ValueError(f"hold must be one of {list(HOLDS)}, got {hold!r}")
-    if accept not in ACCEPTS:
-        raise ValueError(f"accept must be one of {list(ACCEPTS)}, got {accept!r}")
-    if method != "taa" and (hold != "data" or accept != "trajectory"):
-        raise ValueError(f"hold= and accept= are options of method='taa' (ParaTAA's step model "
-                         f"and acceptance rule), not of {method!r}")
-    if hold == "output" and _multistep(solver):
-        raise ValueError(f"hold='output' needs a single-step solver; {type(solver).__name__} is "
-                         f"multistep and holds its data-prediction history")
-    lam_f = float(lam)
-    if not (np.isfinite(lam_f) and lam_f >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     start = 0
     if init is not None:
         init = jnp.asarray(init)
@@ -549,7 +371,9 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
         leaf_specs = par.batch_leaf_specs([d for d in m_dynamic if d is not None], mesh)
         it_specs = iter(leaf_specs)
         leaf_specs = tuple(None if d is None else next(it_specs) for d in m_dynamic)
-    dynamic, spec = partition((model_fn, solver))
+    if isinstance(method, ParaTAA):     # traced: a new lam does not recompile
+        method = dataclasses.replace(method, lam=jnp.float32(method.lam))
+    dynamic, spec = partition((model_fn, solver, method))
     if mesh is not None:
         split = par.P(par.PROMPTS)
         nm = len(leaf_specs)       # the model function's leaves come first
@@ -566,14 +390,11 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
             par.replicate(init, mesh)
     with prog.listening(callback, callback_steps, "jaxdiff.paradigms", x_T) as (every, token):
         x0, (it, evals, begins, errors, bad, traj) = _run(
-            dynamic, x_T, rand, jnp.float32(tol), jnp.float32(lam_f), init, token, spec=spec,
-            window=window, start=start, trajectory=bool(trajectory), parallel=p, mode=mode,
-            mesh=mesh, progress=progress, chunk=chunk, leaf_specs=leaf_specs, method=method,
-            warmup=warmup, order=window if order is None else int(order),
-            history=int(history) if method == "taa" else 1, every=every, hold=hold,
-            accept=accept)
+            dynamic, x_T, rand, jnp.float32(tol), init, token, spec=spec, window=window,
+            start=start, trajectory=bool(trajectory), parallel=p, mode=mode, mesh=mesh,
+            progress=progress, chunk=chunk, leaf_specs=leaf_specs, warmup=warmup, every=every)
     if not isinstance(bad, jax.core.Tracer) and int(bad) >= 0:
-        raise NonFiniteError(f"jaxdiff.paradigms ({method}): NaN/inf in the model output or the "
+        raise NonFiniteError(f"jaxdiff.paradigms ({method.name}): NaN/inf in the model output or the "
                              f"window update at step {int(bad)} (model time "
                              f"{float(solver.timesteps[int(bad)]):g}) in round {int(it)}; the "
                              f"loop stopped there (check the model; for 'taa' raise lam or "
@@ -597,4 +418,5 @@ def _shard_model_fn(model_fn, mesh):
     return model_fn.map_batch(lambda leaf: par.shard_batch(leaf, mesh))
 
 
-__all__ = ["METHODS", "NonFiniteError", "ParadigmsStats", "paradigms"]
+__all__ = ["LoopState", "METHODS", "NonFiniteError", "ParaSolver", "ParaTAA", "Paradigms",
+           "ParadigmsStats", "PicardMethod", "paradigms"]

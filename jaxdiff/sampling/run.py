@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, Union
 
 from jaxdiff.sampling.encoder_propagation import PAPER_KEY_STEPS, encoder_propagation
 from jaxdiff.sampling.picard import paradigms
+from jaxdiff.sampling.picard_methods import PicardMethod, picard_method
 from jaxdiff.sampling.sequential import sample
 
 
@@ -47,32 +48,40 @@ class Sequential:
 @dataclasses.dataclass(frozen=True)
 class Picard:
     """Picard iterations over a sliding window of ``parallel`` steps (``jaxdiff.paradigms``):
-    ``tolerance`` as a fraction of each step's noise std; ``mesh`` splits the window over
-    devices; ``chunk`` is the window layout (None: one batched call; int: that many
-    positions per call; "auto"); ``method`` how new window positions are initialised
-    ("paradigms" | "parasolver" | "taa"); ``warmup`` sequential steps before the window
-    opens; for "taa" the residual ``order`` (None: the window), Anderson ``history`` and its
-    regularisation ``lam``, the step model ``hold`` and the acceptance rule ``accept``."""
+    ``tolerance`` as a fraction of each step's noise std; ``method`` a Picard method value
+    (``Paradigms()``, ``ParaSolver()``, ``ParaTAA(order, history, lam, hold, accept)``) or its
+    name; ``mesh`` splits the window over devices; ``chunk`` is the window layout (None: one
+    batched call; int: that many positions per call; "auto"); ``warmup`` sequential steps
+    before the window opens (None: the method's default).
+
+    ``order``, ``history``, ``lam``, ``hold`` and ``accept`` are the keyword form of
+    ``ParaTAA(...)``: they are folded into ``method`` when the value is made, so
+    ``Picard(method="taa", order=8) == Picard(method=ParaTAA(order=8))``."""
 
     parallel: int = 16
     tolerance: float = 0.1
-    method: str = "paradigms"
+    method: Union[str, PicardMethod] = "paradigms"
     mesh: Any = None
     chunk: Union[int, str, None] = "auto"
     warmup: Optional[int] = None
     order: Optional[int] = None
-    history: int = 2
-    lam: float = 1e-3
-    hold: str = "data"
-    accept: str = "trajectory"
+    history: Optional[int] = None
+    lam: Optional[float] = None
+    hold: Optional[str] = None
+    accept: Optional[str] = None
+
+    def __post_init__(self):
+        method = picard_method(self.method, order=self.order, history=self.history,
+                               lam=self.lam, hold=self.hold, accept=self.accept)
+        object.__setattr__(self, "method", method)
+        for name in ("order", "history", "lam", "hold", "accept"):
+            object.__setattr__(self, name, None)
 
     def run(self, model_fn, solver, x_T, *, key=None, noise=None, progress=None,
             callback=None, callback_steps=1):
         return paradigms(model_fn, solver, x_T, parallel=self.parallel,
                          tolerance=self.tolerance, method=self.method, mesh=self.mesh,
-                         chunk=self.chunk, warmup=self.warmup, order=self.order,
-                         history=self.history, lam=self.lam, hold=self.hold,
-                         accept=self.accept, key=key, noise=noise,
+                         chunk=self.chunk, warmup=self.warmup, key=key, noise=noise,
                          progress=progress, callback=callback, callback_steps=callback_steps)
 
 

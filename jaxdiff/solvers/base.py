@@ -18,8 +18,11 @@ Interface (``Solver``)::
     init(x) -> state               # NamedTuple of fixed-shape arrays (multistep history)
     step(state, i, x, model_output, noise) -> (x_next, state)
 
-Single-step solvers also have ``picard_terms(i, x, model_output) -> (drift, noise_scale)``
-with ``x_{i+1} = x_i + drift + noise_scale * noise_i``; ParaDiGMS sums these over a window.
+Solvers declare their Picard support as ``picard``: "single" ones have
+``picard_terms(i, x, model_output) -> (drift, noise_scale)`` with
+``x_{i+1} = x_i + drift + noise_scale * noise_i`` (ParaDiGMS sums these over a window),
+"multistep" ones ``picard_history`` / ``picard_step`` / ``picard_multistep`` over a history
+of data predictions; both have ``picard_variance()``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ class Solver:
     """Base class: defaults for solvers without input scaling, state or noise."""
 
     stochastic = False          # overridden by a static field where it depends on options
+    # Picard support, declared: "single" (picard_terms), "multistep" (picard_history,
+    # picard_step, picard_multistep) or None; picard_unsupported says why not, where it
+    # depends on the options
+    picard = None
+    picard_unsupported = None
 
     def scale_model_input(self, x, i):
         return x

@@ -69,6 +69,7 @@ class DDIM(VPPrediction, Solver):
         return vp_step_variance(jnp.square(self.sqrt_abar), jnp.square(self.sqrt_abar_prev))
 
     grid_family = "ddim"
+    picard = "single"
 
     def grid_alpha_bars(self):
         return np.square(np.asarray(self.sqrt_abar, np.float64))

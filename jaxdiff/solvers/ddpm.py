@@ -23,6 +23,7 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 @solver_dataclass
 class DDPM(VPPrediction, Solver):
+    picard = "single"      # Picard support (a class attribute, not a field)
     timesteps: jax.Array             # [N] model time
     sqrt_abar: jax.Array             # [N] sqrt(alphas_cumprod[t])
     sqrt_1m_abar: jax.Array          # [N] sqrt(1 - alphas_cumprod[t])

@@ -88,6 +88,15 @@ class DEIS(Solver):
     # ParaDiGMS: the history is of noise predictions at past latents, which the Picard
     # drivers' multistep protocol (data predictions only) cannot rebuild, so only first
     # order (no history: DDIM) has a Picard split.
+    @property
+    def picard(self):
+        return "single" if self.order == 1 else None
+
+    @property
+    def picard_unsupported(self):
+        return None if self.order == 1 else "DEIS of order > 1 extrapolates past noise " \
+            "predictions; use solver_order=1"
+
     def picard_terms(self, i, x, model_output):
         if self.order != 1:
             raise NotImplementedError("DEIS of order > 1 extrapolates past noise predictions: "

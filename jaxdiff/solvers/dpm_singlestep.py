@@ -113,6 +113,16 @@ class DPMSolverSinglestep(Solver):
     def picard_history(self) -> int:
         return self.order
 
+    @property
+    def picard(self):
+        return "multistep" if self.order == 1 or self.algorithm_type == "dpmsolver++" else None
+
+    @property
+    def picard_unsupported(self):
+        return None if self.picard else (f"{self.algorithm_type} of order {self.order} restarts "
+                                         f"from the group's first latent; use algorithm_type="
+                                         f"'dpmsolver++' or solver_order=1")
+
     def _picard_ok(self):
         if self.order != 1 and self.algorithm_type != "dpmsolver++":
             raise NotImplementedError(

@@ -147,6 +147,7 @@ class DPMSolverPP(Solver):
         return vp_step_variance(abar[:-1], abar[1:])
 
     grid_family = "dpmsolver++"
+    picard = "multistep"
 
     def grid_alpha_bars(self):
         return np.square(np.asarray(self.alpha, np.float64))

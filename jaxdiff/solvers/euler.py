@@ -94,6 +94,7 @@ def sigma_schedule(cfg, num_inference_steps: int, solver: str, *, karras_config_
 
 @solver_dataclass
 class Euler(VEPrediction, Solver):
+    picard = "single"      # Picard support (a class attribute, not a field)
     timesteps: jax.Array          # [N]
     sigmas: jax.Array             # [N + 1]
     init_noise_sigma: jax.Array   # scalar

@@ -20,6 +20,7 @@ STEP_OPTIONS = {}
 
 @solver_dataclass
 class EulerAncestral(VEPrediction, Solver):
+    picard = "single"      # Picard support (a class attribute, not a field)
     timesteps: jax.Array          # [N]
     sigmas: jax.Array             # [N + 1]
     sigma_up: jax.Array           # [N]

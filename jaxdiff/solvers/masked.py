@@ -60,6 +60,14 @@ class Inpainting(Solver):
     def output_for_x0(self, i, x, x0):
         return self.inner.output_for_x0(i, x, x0)
 
+    @property
+    def picard(self):
+        return self.inner.picard
+
+    @property
+    def picard_unsupported(self):
+        return self.inner.picard_unsupported
+
     def picard_variance(self):
         return self.inner.picard_variance()
 
@@ -116,5 +124,5 @@ def inpainting(solver, known, mask, noise) -> Inpainting:
     except NotImplementedError as e:
         raise ValueError(f"{type(solver).__name__} cannot inpaint by latent blending: "
                          f"it has no add_noise rule") from e
-    cls = InpaintingMultistep if hasattr(solver, "picard_multistep") else Inpainting
+    cls = InpaintingMultistep if solver.picard == "multistep" else Inpainting
     return cls(inner=solver, known=known, mask=mask, noise=noise)
