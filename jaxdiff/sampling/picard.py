@@ -301,46 +301,46 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
     A NaN/inf from the model stops the loop and raises ``NonFiniteError`` naming the round
     and the step.
     """
-    x_T, rand = prelude.prepare(model_fn, solver, x_T, key=key, noise=noise,
-                                driver="jaxdiff.paradigms")
-    _check_solver(solver)
-    n = int(solver.num_steps)
-    if isinstance(parallel, bool) or not isinstance(parallel, (int, np.integer)) or parallel < 1:
-        raise ValueError(f"parallel must be a positive int (the window size), got {parallel!r}")
-    tol = float(tolerance)
-    if not (np.isfinite(tol) and tol > 0):
-        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
-    method = picard_method(method, order=order, history=history, lam=lam, hold=hold,
-                           accept=accept)
-    method.check(solver)
-    if warmup is None:
-        warmup = method.default_warmup
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative int (sequential steps before the "
-                         f"window opens), got {warmup!r}")
-    warmup = min(int(warmup), n)
-    start = 0
-    if init is not None:
-        init = jnp.asarray(init)
-        want = (n + 1,) + tuple(x_T.shape)
-        if tuple(init.shape) != want:
-            raise ValueError(f"init must be a trajectory of shape {want} (num_steps + 1 latents "
-                             f"of x_T's shape), got {tuple(init.shape)}")
-        if resolve is None:
-            resolve = n
-        if isinstance(resolve, bool) or not isinstance(resolve, (int, np.integer)) or \
-                not 1 <= resolve <= n:
-            raise ValueError(f"resolve must be an int in [1, {n}] (the number of final steps "
-                             f"to re-solve), got {resolve!r}")
-        start = n - int(resolve)
-        if not isinstance(init, jax.core.Tracer) and \
-                not bool(jnp.all(jnp.isfinite(init[:start + 1]))):
-            raise ValueError("init holds NaN/inf in the steps it keeps")
-    elif resolve is not None:
-        raise ValueError("resolve needs init= (the trajectory whose last steps are re-solved)")
-    mode, rand = rand.mode, rand.value
-    if mesh is not None:
-        par.check_mesh(mesh)
+    return drive(model_fn, solver, x_T, parallel=parallel, tolerance=tolerance, key=key,
+                 noise=noise, mesh=mesh, progress=progress, chunk=chunk,
+                 method=picard_method(method, order=order, history=history, lam=lam,
+                                      hold=hold, accept=accept),
+                 warmup=warmup, init=init, resolve=resolve, trajectory=trajectory,
+                 callback=callback, callback_steps=callback_steps)
+
+
+def _positive_int(value, message):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{message}, got {value!r}")
+    return int(value)
+
+
+def _warm_start(init, resolve, n, x_T):
+    """-> (the first step re-solved, the trajectory as an array or None)."""
+    if init is None:
+        if resolve is not None:
+            raise ValueError("resolve needs init= (the trajectory whose last steps are "
+                             "re-solved)")
+        return 0, None
+    init = jnp.asarray(init)
+    want = (n + 1,) + tuple(x_T.shape)
+    if tuple(init.shape) != want:
+        raise ValueError(f"init must be a trajectory of shape {want} (num_steps + 1 latents "
+                         f"of x_T's shape), got {tuple(init.shape)}")
+    resolve = n if resolve is None else resolve
+    if isinstance(resolve, bool) or not isinstance(resolve, (int, np.integer)) or \
+            not 1 <= resolve <= n:
+        raise ValueError(f"resolve must be an int in [1, {n}] (the number of final steps "
+                         f"to re-solve), got {resolve!r}")
+    start = n - int(resolve)
+    if not isinstance(init, jax.core.Tracer) and \
+            not bool(jnp.all(jnp.isfinite(init[:start + 1]))):
+        raise ValueError("init holds NaN/inf in the steps it keeps")
+    return start, init
+
+
+def _chunk(chunk, mesh, model_fn, x_T):
+    """The window's layout: positions per model call (None: the whole window at once)."""
     if isinstance(chunk, str) and chunk == "auto":
         platform = (mesh.devices.flat[0].platform if mesh is not None
                     else jax.default_backend())
@@ -349,65 +349,91 @@ def paradigms(model_fn: Callable, solver, x_T, *, parallel: int, tolerance: floa
         local = x_T.shape[0] // max(par.prompt_shards(mesh), 1)
         if isinstance(model_fn, ModelFn) and model_fn.uncond is not None:
             local *= 2             # guidance: the network sees both halves
-        chunk = max(1, CPU_SAMPLES_PER_CALL // max(local, 1)) if platform == "cpu" else None
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer))
-                              or chunk < 1):
-        raise ValueError(f"chunk must be a positive int (window positions per model call), "
-                         f"None or 'auto', got {chunk!r}")
-    chunk = None if chunk is None else int(chunk)
-    p = min(int(parallel), n)
-    devices = 1 if mesh is None else par.check_mesh(mesh)
+        return max(1, CPU_SAMPLES_PER_CALL // max(local, 1)) if platform == "cpu" else None
+    if chunk is None:
+        return None
+    return _positive_int(chunk, "chunk must be a positive int (window positions per model "
+                                "call), None or 'auto'")
+
+
+def _layout(model_fn, solver, method, x_T, rand, mode, init, mesh):
+    """The loop's arguments placed on the mesh: the model function's per-sample leaves (and
+    x_T, the noise, the warm start) split over its prompts axis, the rest replicated ->
+    (dynamic leaves, static spec, the model leaves' specs, x_T, rand, init)."""
     shards = par.prompt_shards(mesh)
     if shards > 1:
         if x_T.shape[0] % shards:
             raise ValueError(f"the batch of {x_T.shape[0]} does not split over the mesh's "
                              f"{par.PROMPTS!r} axis of {shards}")
         model_fn = _shard_model_fn(model_fn, mesh)
-    window = -(-p // devices) * devices
-    progress = prog.resolve(progress, "paradigms (steps accepted)")
-    leaf_specs = None
-    if mesh is not None:
-        m_dynamic, _ = partition(model_fn)
-        leaf_specs = par.batch_leaf_specs([d for d in m_dynamic if d is not None], mesh)
-        it_specs = iter(leaf_specs)
-        leaf_specs = tuple(None if d is None else next(it_specs) for d in m_dynamic)
     if isinstance(method, ParaTAA):     # traced: a new lam does not recompile
         method = dataclasses.replace(method, lam=jnp.float32(method.lam))
     dynamic, spec = partition((model_fn, solver, method))
-    if mesh is not None:
-        split = par.P(par.PROMPTS)
-        nm = len(leaf_specs)       # the model function's leaves come first
-        dynamic = [d if (i < nm and leaf_specs[i] == split) else par.replicate(d, mesh)
-                   for i, d in enumerate(dynamic)]
-        if shards > 1:
-            x_T = par.place(x_T, mesh, split)
-            rand = par.place(rand, mesh, par.P(None, par.PROMPTS)) if mode == "noise" else \
-                par.replicate(rand, mesh)
-        else:
-            x_T, rand = par.replicate((x_T, rand), mesh)
-    if init is not None and mesh is not None:
-        init = par.place(init, mesh, par.P(None, par.PROMPTS)) if shards > 1 else \
-            par.replicate(init, mesh)
+    if mesh is None:
+        return dynamic, spec, None, x_T, rand, init
+    m_dynamic, _ = partition(model_fn)
+    specs = iter(par.batch_leaf_specs([d for d in m_dynamic if d is not None], mesh))
+    leaf_specs = tuple(None if d is None else next(specs) for d in m_dynamic)
+    split = par.P(par.PROMPTS)
+    nm = len(leaf_specs)       # the model function's leaves come first
+    dynamic = [d if (i < nm and leaf_specs[i] == split) else par.replicate(d, mesh)
+               for i, d in enumerate(dynamic)]
+    if shards > 1:
+        x_T = par.place(x_T, mesh, split)
+        rand = par.place(rand, mesh, par.P(None, par.PROMPTS)) if mode == "noise" else \
+            par.replicate(rand, mesh)
+        init = None if init is None else par.place(init, mesh, par.P(None, par.PROMPTS))
+    else:
+        x_T, rand = par.replicate((x_T, rand), mesh)
+        init = None if init is None else par.replicate(init, mesh)
+    return dynamic, spec, leaf_specs, x_T, rand, init
+
+
+def drive(model_fn, solver, x_T, *, parallel, tolerance, method: PicardMethod, key=None,
+          noise=None, mesh=None, progress=False, chunk="auto", warmup=None, init=None,
+          resolve=None, trajectory=False, callback=None, callback_steps=1):
+    """The Picard driver behind ``Picard.run`` and ``paradigms`` (their documentation):
+    validation, layout, the jitted loop, the stats."""
+    x_T, rand = prelude.prepare(model_fn, solver, x_T, key=key, noise=noise,
+                                driver="jaxdiff.paradigms")
+    _check_solver(solver)
+    n = int(solver.num_steps)
+    p = min(_positive_int(parallel, "parallel must be a positive int (the window size)"), n)
+    tol = float(tolerance)
+    if not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+    method.check(solver)
+    warmup = method.default_warmup if warmup is None else warmup
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int (sequential steps before the "
+                         f"window opens), got {warmup!r}")
+    start, init = _warm_start(init, resolve, n, x_T)
+    mode, rand = rand.mode, rand.value
+    devices = 1 if mesh is None else par.check_mesh(mesh)
+    chunk = _chunk(chunk, mesh, model_fn, x_T)
+    window = -(-p // devices) * devices
+    progress = prog.resolve(progress, "paradigms (steps accepted)")
+    dynamic, spec, leaf_specs, x_T, rand, init = _layout(model_fn, solver, method, x_T, rand,
+                                                         mode, init, mesh)
     with prog.listening(callback, callback_steps, "jaxdiff.paradigms", x_T) as (every, token):
         x0, (it, evals, begins, errors, bad, traj) = _run(
             dynamic, x_T, rand, jnp.float32(tol), init, token, spec=spec, window=window,
             start=start, trajectory=bool(trajectory), parallel=p, mode=mode, mesh=mesh,
-            progress=progress, chunk=chunk, leaf_specs=leaf_specs, warmup=warmup, every=every)
+            progress=progress, chunk=chunk, leaf_specs=leaf_specs,
+            warmup=min(int(warmup), n), every=every)
     if not isinstance(bad, jax.core.Tracer) and int(bad) >= 0:
-        raise NonFiniteError(f"jaxdiff.paradigms ({method.name}): NaN/inf in the model output or the "
-                             f"window update at step {int(bad)} (model time "
+        raise NonFiniteError(f"jaxdiff.paradigms ({method.name}): NaN/inf in the model output "
+                             f"or the window update at step {int(bad)} (model time "
                              f"{float(solver.timesteps[int(bad)]):g}) in round {int(it)}; the "
                              f"loop stopped there (check the model; for 'taa' raise lam or "
                              f"lower history)")
     if isinstance(it, jax.core.Tracer):     # paradigms itself under an outer jit
-        stats = ParadigmsStats(iterations=it, model_evaluations=evals, num_steps=n,
-                               parallel=p, begins=begins, errors=errors, trajectory=traj)
-    else:
-        it = int(it)
-        stats = ParadigmsStats(iterations=it, model_evaluations=int(evals), num_steps=n,
-                               parallel=p, begins=np.asarray(begins)[:it],
-                               errors=np.asarray(errors)[:it], trajectory=traj)
-    return x0, stats
+        return x0, ParadigmsStats(iterations=it, model_evaluations=evals, num_steps=n,
+                                  parallel=p, begins=begins, errors=errors, trajectory=traj)
+    it = int(it)
+    return x0, ParadigmsStats(iterations=it, model_evaluations=int(evals), num_steps=n,
+                              parallel=p, begins=np.asarray(begins)[:it],
+                              errors=np.asarray(errors)[:it], trajectory=traj)
 
 
 def _shard_model_fn(model_fn, mesh):

@@ -20,7 +20,7 @@ import dataclasses
 from typing import Any, Optional, Sequence, Union
 
 from jaxdiff.sampling.encoder_propagation import PAPER_KEY_STEPS, encoder_propagation
-from jaxdiff.sampling.picard import paradigms
+from jaxdiff.sampling.picard import drive
 from jaxdiff.sampling.picard_methods import PicardMethod, picard_method
 from jaxdiff.sampling.sequential import sample
 
@@ -78,11 +78,13 @@ class Picard:
             object.__setattr__(self, name, None)
 
     def run(self, model_fn, solver, x_T, *, key=None, noise=None, progress=None,
-            callback=None, callback_steps=1):
-        return paradigms(model_fn, solver, x_T, parallel=self.parallel,
-                         tolerance=self.tolerance, method=self.method, mesh=self.mesh,
-                         chunk=self.chunk, warmup=self.warmup, key=key, noise=noise,
-                         progress=progress, callback=callback, callback_steps=callback_steps)
+            callback=None, callback_steps=1, init=None, resolve=None, trajectory=False):
+        """``init`` / ``resolve`` / ``trajectory``: the warm start of ``jaxdiff.paradigms``."""
+        return drive(model_fn, solver, x_T, parallel=self.parallel, tolerance=self.tolerance,
+                     method=self.method, mesh=self.mesh, chunk=self.chunk,
+                     warmup=self.warmup, key=key, noise=noise, progress=progress,
+                     callback=callback, callback_steps=callback_steps, init=init,
+                     resolve=resolve, trajectory=trajectory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,13 +138,16 @@ def as_sampler(sampler, **options):
 
 
 def run(sampler, model_fn, solver, x_T, *, key=None, noise=None, progress=None,
-        callback=None, callback_steps: int = 1):
-    """Run ``sampler`` -> (x_0, stats). ``model_fn``, ``solver``, ``x_T``, ``key`` /
-    ``noise``, ``progress`` and the step ``callback(step, timestep, latents)`` every
-    ``callback_steps`` steps mean what they mean for ``jaxdiff.sample``."""
+        callback=None, callback_steps: int = 1, **options):
+    """Run ``sampler`` -> (x_0, stats): the one entry of every driver (``jaxdiff.sample``
+    and ``jaxdiff.paradigms`` are its keyword forms). ``model_fn``, ``solver``, ``x_T``,
+    ``key`` / ``noise``, ``progress`` and the step ``callback(step, timestep, latents)``
+    every ``callback_steps`` steps mean what they mean for ``jaxdiff.sample``; ``options``
+    are the sampler's own per-call options (``Picard``: ``init``, ``resolve``,
+    ``trajectory``)."""
     return as_sampler(sampler).run(model_fn, solver, x_T, key=key, noise=noise,
                                    progress=progress, callback=callback,
-                                   callback_steps=callback_steps)
+                                   callback_steps=callback_steps, **options)
 
 
 __all__ = ["EncoderPropagation", "Picard", "SAMPLERS", "SHORTHANDS", "Sequential",
